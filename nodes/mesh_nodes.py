@@ -1,0 +1,240 @@
+"""Mesh I/O and rendering nodes: Load Mesh, Save Mesh, Render Mesh Views and the
+conversions to and from ComfyUI's native MESH."""
+from __future__ import annotations
+
+import os
+
+import torch
+import trimesh
+from comfy_api.latest import Types, io
+
+from ..mpod_core import cameras as cam
+from ..mpod_core import mesh as meshlib
+from ..mpod_core.render import RENDER_BACKENDS, render_mesh
+from . import comfy_bridge as bridge
+from .registry import MESH_CATEGORY, NODE_DISPLAY_NAMES, TRIMESH_TYPE
+
+Trimesh = io.Custom(TRIMESH_TYPE)
+
+
+def _schema(node_id: str, **kwargs) -> io.Schema:
+    return io.Schema(node_id=node_id, display_name=NODE_DISPLAY_NAMES[node_id], category=MESH_CATEGORY, **kwargs)
+
+
+class LoadMesh(io.ComfyNode):
+    """Load a mesh file from ComfyUI's input folder."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return _schema(
+            "MPOD3D_LoadMesh",
+            description="Load a .glb/.gltf/.obj/.ply/.stl mesh from ComfyUI's input folder (sub-folders "
+                        "included; the upload button puts files in input/3d). Keeps vertex colours and UV textures.",
+            inputs=[
+                io.Combo.Input("mesh_file", options=bridge.list_input_files(meshlib.LOAD_EXTENSIONS),
+                               upload=io.UploadType.model,
+                               tooltip="Mesh file, relative to ComfyUI's input folder. Supported: "
+                                       + ", ".join(meshlib.LOAD_EXTENSIONS)
+                                       + ". A .gltf needs its .bin and textures beside it; prefer .glb."),
+                io.Boolean.Input("normalize", default=False,
+                                 tooltip="Centre the mesh and scale its longest side to 1 (the unit cube "
+                                         "[-0.5, 0.5]^3 the pack's cameras frame by default). Off keeps the "
+                                         "file's own coordinates."),
+            ],
+            outputs=[Trimesh.Output("mesh", tooltip="The mesh (trimesh.Trimesh), with its colours or texture.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, mesh_file: str, **_) -> bool | str:
+        try:
+            path = bridge.resolve_input_file(mesh_file)
+        except ValueError as exc:
+            return f"Load Mesh: {exc}"
+        if path.suffix.lower() not in meshlib.LOAD_EXTENSIONS:
+            return (f"Load Mesh: unsupported mesh file '{mesh_file}': expected one of "
+                    f"{', '.join(meshlib.LOAD_EXTENSIONS)}")
+        if not path.is_file():
+            return f"Load Mesh: mesh file '{mesh_file}' not found in ComfyUI's input folder ({bridge.input_directory()})"
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, mesh_file: str, **_):
+        # Re-run when the file on disk changes, not only when the name does.
+        try:
+            stat = bridge.resolve_input_file(mesh_file).stat()
+            return (mesh_file, stat.st_mtime_ns, stat.st_size)
+        except (OSError, ValueError):
+            return mesh_file
+
+    @classmethod
+    def execute(cls, mesh_file: str, normalize: bool) -> io.NodeOutput:
+        mesh = meshlib.load_mesh(bridge.resolve_input_file(mesh_file))
+        if normalize:
+            mesh = meshlib.normalize_mesh(mesh)
+        return io.NodeOutput(mesh)
+
+
+class SaveMesh(io.ComfyNode):
+    """Save a mesh under ComfyUI's output folder."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return _schema(
+            "MPOD3D_SaveMesh",
+            description="Save a mesh as GLB (default), OBJ (+ .mtl and texture) or PLY under ComfyUI's output "
+                        "folder. Files appear only when complete. Wire mesh_path into core Preview3D to see it.",
+            is_output_node=True,
+            inputs=[
+                Trimesh.Input("mesh"),
+                io.String.Input("filename_prefix", default="mesh/mpod3d",
+                                tooltip="Name relative to the output folder; may include sub-folders and "
+                                        "%year%-style variables. A counter is appended: mesh/mpod3d_00001_.glb"),
+                io.Combo.Input("format", options=list(meshlib.SAVE_FORMATS), default="glb",
+                               tooltip="glb keeps vertex colours and textures in one file; obj writes .obj + "
+                                       ".mtl + texture image; ply keeps vertex colours (a texture is baked to "
+                                       "vertex colours)."),
+            ],
+            outputs=[io.String.Output("mesh_path", tooltip="Saved file, relative to the output folder "
+                                                           "(the model_file that core Preview3D expects).")],
+        )
+
+    @classmethod
+    def execute(cls, mesh: trimesh.Trimesh, filename_prefix: str, format: str) -> io.NodeOutput:
+        meshlib.check_mesh(mesh, "Save Mesh input")
+        if format not in meshlib.SAVE_FORMATS:
+            raise ValueError(f"Save Mesh: format must be one of {', '.join(meshlib.SAVE_FORMATS)}, got '{format}'")
+        path, relative = bridge.next_output_path(filename_prefix, format)
+        meshlib.save_mesh(mesh, path, format)
+        subfolder = os.path.dirname(relative)
+        ui = {"3d": [{"filename": path.name, "subfolder": subfolder, "type": "output"}]}
+        return io.NodeOutput(relative, ui=ui)
+
+
+class RenderMeshViews(io.ComfyNode):
+    """Render a mesh from orbit cameras."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return _schema(
+            "MPOD3D_RenderMeshViews",
+            description="Render a mesh from orbit cameras (y up, azimuth 0 / elevation 0 = front view on +z) "
+                        "to colour, normal and depth images and a silhouette mask.",
+            inputs=[
+                Trimesh.Input("mesh"),
+                io.String.Input("azimuths", default="0, 90, 180, 270",
+                                tooltip="Azimuths in degrees, comma separated; counter-clockwise seen from "
+                                        "above, 0 = front (+z), 90 = right side (+x)."),
+                io.String.Input("elevations", default="0",
+                                tooltip="Elevations in degrees above the horizon: one value for all views, "
+                                        "or one per azimuth."),
+                io.Float.Input("distance", default=cam.REFERENCE_VIEW["distance"], min=0.0, max=1000.0, step=0.01,
+                               tooltip="Camera distance from the origin (the papers use 2.5 for a unit-size "
+                                       "object). Must be > 0."),
+                io.Float.Input("fov", default=cam.REFERENCE_VIEW["fov"], min=0.0, max=179.0, step=0.1,
+                               tooltip="Vertical field of view in degrees (papers: 40). Must be in (0, 180)."),
+                io.Int.Input("width", default=256, min=8, max=4096, step=8, tooltip="Image width in pixels."),
+                io.Int.Input("height", default=256, min=8, max=4096, step=8, tooltip="Image height in pixels."),
+                io.Boolean.Input("frame_mesh", default=True,
+                                 tooltip="Centre the mesh and scale it to the unit cube for this render only "
+                                         "(the mesh itself is not changed), so any file fills the view."),
+                io.Float.Input("background", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Grey level of the background of the colour image (1 = white)."),
+                io.Boolean.Input("antialias", default=True, tooltip="Anti-alias silhouette edges."),
+                io.Combo.Input("backend", options=list(RENDER_BACKENDS), default="auto",
+                               tooltip="auto: nvdiffrast on CUDA when installed, else the pure-PyTorch "
+                                       "rasterizer."),
+            ],
+            outputs=[
+                io.Image.Output("image", tooltip="Colour renders (vertex colours or texture; plain shaded "
+                                                 "grey when the mesh has neither)."),
+                io.Image.Output("normal", tooltip="World-space normals mapped to [0, 1] as (n + 1) / 2."),
+                io.Image.Output("depth", tooltip="View depth, white = near, black = far/background "
+                                                 "(normalised per image)."),
+                io.Mask.Output("mask", tooltip="Silhouette (1 = object)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, mesh, azimuths, elevations, distance, fov, width, height, frame_mesh, background,
+                antialias, backend) -> io.NodeOutput:
+        meshlib.check_mesh(mesh, "Render Mesh Views input")
+        azim = cam.parse_angle_list(azimuths, "azimuths")
+        elev = cam.parse_angle_list(elevations, "elevations")
+        if len(elev) == 1:
+            elev = elev * len(azim)
+        if len(elev) != len(azim):
+            raise ValueError(f"elevations: give one value or one per azimuth ({len(azim)}), got {len(elev)}")
+        device = bridge.torch_device()
+        cameras = cam.orbit_cameras(elev, azim, distance, fov, device=device)
+        tensors = meshlib.mesh_to_tensors(meshlib.normalize_mesh(mesh) if frame_mesh else mesh, device=device)
+        progress = bridge.Progress(len(cameras))
+        out = render_mesh(tensors.vertices, tensors.faces, cameras, width, height,
+                          vertex_colors=tensors.vertex_colors, uv=tensors.uv, texture=tensors.texture,
+                          background=(background,) * 3, antialias=antialias, backend=backend,
+                          progress=progress)
+        normal = torch.where(out.alpha[..., None] > 0, out.normal * 0.5 + 0.5, torch.zeros_like(out.normal))
+        return io.NodeOutput(out.color.cpu(), normal.cpu(), _depth_image(out.depth, out.alpha).cpu(),
+                             out.alpha.cpu())
+
+
+def _depth_image(depth: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) view depth -> (N, H, W, 3) image, white near, black far, per-image range."""
+    covered = alpha > 0
+    big = torch.finfo(depth.dtype).max
+    near = torch.where(covered, depth, torch.full_like(depth, big)).amin(dim=(1, 2), keepdim=True)
+    far = torch.where(covered, depth, torch.full_like(depth, -big)).amax(dim=(1, 2), keepdim=True)
+    scaled = 1 - (depth - near) / (far - near).clamp_min(1e-8) * 0.8  # keep the far side visibly grey
+    scaled = torch.where(covered, scaled, torch.zeros_like(scaled))
+    return scaled[..., None].expand(*scaled.shape, 3).contiguous()
+
+
+class MeshToComfyMesh(io.ComfyNode):
+    """TRIMESH -> core MESH (for core Save GLB)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return _schema(
+            "MPOD3D_MeshToComfyMesh",
+            description="Convert a mesh to ComfyUI's native MESH (geometry only: native MESH has no colours), "
+                        "for core nodes such as Save GLB.",
+            inputs=[Trimesh.Input("mesh")],
+            outputs=[io.Mesh.Output("MESH")],
+        )
+
+    @classmethod
+    def execute(cls, mesh) -> io.NodeOutput:
+        meshlib.check_mesh(mesh, "Mesh to ComfyUI MESH input")
+        vertices = torch.as_tensor(mesh.vertices, dtype=torch.float32)[None]
+        faces = torch.as_tensor(mesh.faces, dtype=torch.int64)[None]
+        return io.NodeOutput(Types.MESH(vertices, faces))
+
+
+class ComfyMeshToMesh(io.ComfyNode):
+    """core MESH -> TRIMESH."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return _schema(
+            "MPOD3D_ComfyMeshToMesh",
+            description="Convert ComfyUI's native MESH (e.g. from Hunyuan3D's VAE decode) to the pack's mesh type.",
+            inputs=[
+                io.Mesh.Input("MESH"),
+                io.Int.Input("batch_index", default=0, min=0, max=4095,
+                             tooltip="Which mesh of the MESH batch to take."),
+            ],
+            outputs=[Trimesh.Output("mesh")],
+        )
+
+    @classmethod
+    def execute(cls, MESH, batch_index: int) -> io.NodeOutput:
+        vertices, faces = MESH.vertices, MESH.faces
+        if vertices.dim() != 3 or faces.dim() != 3:
+            raise ValueError(f"ComfyUI MESH to Mesh: expected batched (B, V, 3) vertices and (B, F, 3) faces, "
+                             f"got {tuple(vertices.shape)} and {tuple(faces.shape)}")
+        if not 0 <= batch_index < vertices.shape[0]:
+            raise ValueError(f"ComfyUI MESH to Mesh: batch_index {batch_index} out of range for a batch of "
+                             f"{vertices.shape[0]}")
+        return io.NodeOutput(meshlib.tensors_to_mesh(vertices[batch_index].float(), faces[batch_index].long()))
+
+
+NODES = [LoadMesh, SaveMesh, RenderMeshViews, MeshToComfyMesh, ComfyMeshToMesh]
