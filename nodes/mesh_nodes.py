@@ -10,7 +10,8 @@ from comfy_api.latest import Types, io
 
 from ..mpod_core import cameras as cam
 from ..mpod_core import mesh as meshlib
-from ..mpod_core.render import RENDER_BACKENDS, render_mesh
+from ..mpod_core.render import BACKENDS as RENDER_BACKENDS
+from ..mpod_core.render import render_mesh
 from . import comfy_bridge as bridge
 from .registry import MESH_CATEGORY, NODE_DISPLAY_NAMES, TRIMESH_TYPE
 
@@ -170,8 +171,8 @@ class RenderMeshViews(io.ComfyNode):
         progress = bridge.Progress(len(cameras))
         out = render_mesh(tensors.vertices, tensors.faces, cameras, width, height,
                           vertex_colors=tensors.vertex_colors, uv=tensors.uv, texture=tensors.texture,
-                          background=(background,) * 3, antialias=antialias, backend=backend,
-                          progress=progress)
+                          background=(background,) * 3, antialias=antialias, backend=backend)
+        progress(len(cameras), len(cameras), out.color[0])
         normal = torch.where(out.alpha[..., None] > 0, out.normal * 0.5 + 0.5, torch.zeros_like(out.normal))
         return io.NodeOutput(out.color.cpu(), normal.cpu(), _depth_image(out.depth, out.alpha).cpu(),
                              out.alpha.cpu())

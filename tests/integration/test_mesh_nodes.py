@@ -1,0 +1,246 @@
+"""The mesh nodes in a live ComfyUI server: the bundled round-trip workflow, the
+conversions to core MESH, render parity with trimesh's ray casting, bad input."""
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+from PIL import Image
+
+from harness.comfy_server import ExecutionError, PromptRejected
+from harness.gltf import validate_gltf
+from harness.workflow_convert import ui_to_api
+from mpod_core import cameras as cam
+from mpod_core import mesh as meshlib
+
+pytestmark = pytest.mark.comfyui
+
+REPO = Path(__file__).resolve().parents[2]
+WORKFLOW = REPO / "workflows" / "mesh_roundtrip.json"
+
+
+def colored_mesh() -> trimesh.Trimesh:
+    """An asymmetric, vertex-coloured mesh (an icosphere stretched and shifted)."""
+    mesh = trimesh.creation.icosphere(subdivisions=3, radius=0.6)
+    mesh.apply_scale([1.0, 0.7, 0.5])
+    mesh.apply_translation([0.1, -0.05, 0.0])
+    colors = np.concatenate([(mesh.vertices - mesh.vertices.min(0)) / np.ptp(mesh.vertices, 0),
+                             np.ones((len(mesh.vertices), 1))], axis=1)
+    mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=(colors * 255).round().astype(np.uint8))
+    return mesh
+
+
+def textured_mesh() -> trimesh.Trimesh:
+    mesh = trimesh.creation.box(extents=(0.8, 0.6, 0.4))
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    mesh.visual = trimesh.visual.TextureVisuals(uv=rng.random((len(mesh.vertices), 2)), image=image)
+    return mesh
+
+
+@pytest.fixture(scope="module")
+def roundtrip_api(comfy_server):
+    ui = json.loads(WORKFLOW.read_text())
+    return ui_to_api(ui, comfy_server.object_info())
+
+
+def _upload_mesh(server, mesh, name, tmp_path) -> str:
+    local = tmp_path / name
+    meshlib.save_mesh(mesh, local)
+    info = server.upload(local, subfolder="3d")
+    return f"{info['subfolder']}/{info['name']}" if info.get("subfolder") else info["name"]
+
+
+def _node_id(api: dict, class_type: str) -> str:
+    ids = [k for k, v in api.items() if v["class_type"] == class_type]
+    assert len(ids) == 1, (class_type, ids)
+    return ids[0]
+
+
+def _saved_mesh(server, entry, api) -> Path:
+    files = [p for p in server.output_files(entry, kinds=("3d",)) if p.suffix in (".glb", ".obj", ".ply")]
+    assert len(files) == 1, files
+    return files[0]
+
+
+def test_roundtrip_workflow_preserves_geometry_and_colours(comfy_server, roundtrip_api, tmp_path):
+    source = colored_mesh()
+    name = _upload_mesh(comfy_server, source, "example.glb", tmp_path)
+    assert name == "3d/example.glb"  # the file the bundled workflow names
+    api = copy.deepcopy(roundtrip_api)
+    assert api[_node_id(api, "MPOD3D_LoadMesh")]["inputs"]["mesh_file"] == name
+    entry = comfy_server.run(api, timeout=300)
+
+    saved = _saved_mesh(comfy_server, entry, api)
+    assert saved.is_file() and saved.parent.name == "mesh" and saved.name.startswith("mpod3d_")
+    report = validate_gltf(saved)
+    assert report["issues"]["numErrors"] == 0, json.dumps(report["issues"], indent=1)[:3000]
+
+    # Preview3D got the saved file's path relative to output/
+    preview = entry["outputs"][_node_id(api, "Preview3D")]
+    assert preview["result"][0] == saved.relative_to(comfy_server.output_dir).as_posix()
+
+    back = meshlib.load_mesh(saved)
+    assert len(back.vertices) == len(source.vertices) and len(back.faces) == len(source.faces)
+    np.testing.assert_allclose(back.bounds, source.bounds, atol=1e-6)
+    np.testing.assert_allclose(back.vertices, source.vertices, atol=1e-6)
+    np.testing.assert_array_equal(back.visual.vertex_colors[:, :3], source.visual.vertex_colors[:, :3])
+
+    # the render branch produced 4 views each of colour, normals and depth, with the object visible
+    images = [p for p in comfy_server.output_files(entry, kinds=("images",))]
+    assert len(images) == 12, images
+    for path in images:
+        pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
+        assert pixels.shape == (256, 256, 3)
+        assert pixels.std() > 0.05, f"{path.name} looks blank"
+
+
+def test_textured_mesh_survives_save(comfy_server, roundtrip_api, tmp_path):
+    source = textured_mesh()
+    name = _upload_mesh(comfy_server, source, "textured.glb", tmp_path)
+    api = copy.deepcopy(roundtrip_api)
+    api[_node_id(api, "MPOD3D_LoadMesh")]["inputs"]["mesh_file"] = name
+    api[_node_id(api, "MPOD3D_SaveMesh")]["inputs"]["filename_prefix"] = "mesh/textured"
+    entry = comfy_server.run(api, timeout=300)
+    saved = _saved_mesh(comfy_server, entry, api)
+    assert validate_gltf(saved)["issues"]["numErrors"] == 0
+    got = meshlib.mesh_to_tensors(meshlib.load_mesh(saved))
+    want = np.asarray(source.visual.material.image, dtype=np.float32) / 255
+    np.testing.assert_allclose(got.texture.numpy(), want, atol=1e-6)
+    np.testing.assert_allclose(got.uv.numpy(), source.visual.uv, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["obj", "ply"])
+def test_save_formats(comfy_server, tmp_path, fmt):
+    name = _upload_mesh(comfy_server, colored_mesh(), "fmt.glb", tmp_path)
+    api = {
+        "1": {"class_type": "MPOD3D_LoadMesh", "inputs": {"mesh_file": name, "normalize": False}},
+        "2": {"class_type": "MPOD3D_SaveMesh", "inputs": {"mesh": ["1", 0], "filename_prefix": f"fmt/{fmt}",
+                                                           "format": fmt}},
+    }
+    saved = _saved_mesh(comfy_server, comfy_server.run(api, timeout=120), api)
+    assert saved.suffix == f".{fmt}"
+    back = meshlib.load_mesh(saved)
+    assert len(back.faces) == len(colored_mesh().faces)
+
+
+def test_core_mesh_conversions_and_save_glb(comfy_server, tmp_path):
+    source = colored_mesh()
+    name = _upload_mesh(comfy_server, source, "convert.glb", tmp_path)
+    api = {
+        "1": {"class_type": "MPOD3D_LoadMesh", "inputs": {"mesh_file": name, "normalize": False}},
+        "2": {"class_type": "MPOD3D_MeshToComfyMesh", "inputs": {"mesh": ["1", 0]}},
+        "3": {"class_type": "SaveGLB", "inputs": {"mesh": ["2", 0], "filename_prefix": "core/core"}},
+        "4": {"class_type": "MPOD3D_ComfyMeshToMesh", "inputs": {"MESH": ["2", 0], "batch_index": 0}},
+        "5": {"class_type": "MPOD3D_SaveMesh", "inputs": {"mesh": ["4", 0], "filename_prefix": "core/back",
+                                                           "format": "glb"}},
+    }
+    entry = comfy_server.run(api, timeout=120)
+    files = comfy_server.output_files(entry, kinds=("3d",))
+    assert len(files) == 2, files
+    for path in files:
+        assert validate_gltf(path)["issues"]["numErrors"] == 0
+        back = trimesh.load(path, force="mesh", process=False)
+        np.testing.assert_allclose(back.vertices, source.vertices, atol=1e-6)
+        np.testing.assert_array_equal(back.faces, source.faces)
+
+    api["4"]["inputs"]["batch_index"] = 3
+    with pytest.raises(ExecutionError, match="batch_index 3 out of range"):
+        comfy_server.run(api, timeout=120)
+
+
+def test_render_node_matches_trimesh_ray_casting(comfy_server, tmp_path):
+    """The node's silhouette and depth agree with trimesh's ray casting of the same cameras."""
+    source = colored_mesh()
+    name = _upload_mesh(comfy_server, source, "parity.glb", tmp_path)
+    azimuths, elevations, size = [0.0, 135.0], [20.0, -30.0], 96
+    api = {
+        "1": {"class_type": "MPOD3D_LoadMesh", "inputs": {"mesh_file": name, "normalize": False}},
+        "2": {"class_type": "MPOD3D_RenderMeshViews", "inputs": {
+            "mesh": ["1", 0], "azimuths": "0, 135", "elevations": "20, -30", "distance": 2.5, "fov": 40.0,
+            "width": size, "height": size, "frame_mesh": False, "background": 0.0, "antialias": False,
+            "backend": "torch"}},
+        "3": {"class_type": "MaskToImage", "inputs": {"mask": ["2", 3]}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "parity/mask"}},
+    }
+    entry = comfy_server.run(api, timeout=180)
+    masks = sorted(comfy_server.output_files(entry, kinds=("images",)))
+    assert len(masks) == 2
+    cameras = cam.orbit_cameras(elevations, azimuths, 2.5, 40.0, dtype=torch.float64)
+    origins, dirs = cam.get_rays(cameras, size, size)
+    intersector = trimesh.ray.ray_triangle.RayMeshIntersector(source)
+    for view, path in enumerate(masks):
+        rendered = np.asarray(Image.open(path).convert("L")) > 127
+        hit = intersector.intersects_any(origins[view].reshape(-1, 3).numpy(), dirs[view].reshape(-1, 3).numpy())
+        agreement = (rendered.reshape(-1) == hit).mean()
+        assert agreement >= 0.99, f"view {view}: silhouette agreement {agreement:.4f}"
+        assert hit.sum() > 500  # the object fills a real part of the view
+
+
+# ---------------------------------------------------------------- bad input
+def test_missing_mesh_file_is_a_clear_error(comfy_server):
+    api = {"1": {"class_type": "MPOD3D_LoadMesh", "inputs": {"mesh_file": "3d/no_such_mesh.glb", "normalize": False}},
+           "2": {"class_type": "MPOD3D_SaveMesh", "inputs": {"mesh": ["1", 0], "filename_prefix": "x", "format": "glb"}}}
+    with pytest.raises(PromptRejected, match="no_such_mesh.glb' not found in ComfyUI's input folder"):
+        comfy_server.queue(api)
+
+
+def test_unsupported_extension_is_a_clear_error(comfy_server):
+    (comfy_server.input_dir / "3d").mkdir(parents=True, exist_ok=True)
+    (comfy_server.input_dir / "3d" / "model.fbx").write_bytes(b"\0" * 64)
+    api = {"1": {"class_type": "MPOD3D_LoadMesh", "inputs": {"mesh_file": "3d/model.fbx", "normalize": False}},
+           "2": {"class_type": "MPOD3D_SaveMesh", "inputs": {"mesh": ["1", 0], "filename_prefix": "x", "format": "glb"}}}
+    with pytest.raises(PromptRejected, match="unsupported mesh file '3d/model.fbx'"):
+        comfy_server.queue(api)
+
+
+def test_empty_mesh_is_a_clear_error(comfy_server):
+    (comfy_server.input_dir / "3d").mkdir(parents=True, exist_ok=True)
+    # a valid binary STL with zero triangles
+    (comfy_server.input_dir / "3d" / "empty.stl").write_bytes(b"\0" * 80 + (0).to_bytes(4, "little"))
+    api = {"1": {"class_type": "MPOD3D_LoadMesh", "inputs": {"mesh_file": "3d/empty.stl", "normalize": False}},
+           "2": {"class_type": "MPOD3D_SaveMesh", "inputs": {"mesh": ["1", 0], "filename_prefix": "x", "format": "glb"}}}
+    with pytest.raises(ExecutionError) as info:
+        comfy_server.run(api, timeout=60)
+    assert info.value.node_type == "MPOD3D_LoadMesh"
+    assert "empty.stl" in info.value.exception_message
+
+
+@pytest.mark.parametrize("prefix", ["../escape", "/tmp/escape", "mesh/../../escape", ""])
+def test_filename_prefix_cannot_leave_output(comfy_server, tmp_path, prefix):
+    name = _upload_mesh(comfy_server, colored_mesh(), "prefix.glb", tmp_path)
+    api = {"1": {"class_type": "MPOD3D_LoadMesh", "inputs": {"mesh_file": name, "normalize": False}},
+           "2": {"class_type": "MPOD3D_SaveMesh", "inputs": {"mesh": ["1", 0], "filename_prefix": prefix,
+                                                           "format": "glb"}}}
+    with pytest.raises(ExecutionError) as info:
+        comfy_server.run(api, timeout=60)
+    assert info.value.node_type == "MPOD3D_SaveMesh"
+    assert "filename_prefix" in info.value.exception_message
+    escaped = comfy_server.base_dir.parent / "escape_00001_.glb"
+    assert not escaped.exists() and not Path("/tmp/escape_00001_.glb").exists()
+
+
+@pytest.mark.parametrize("field,value,where", [
+    ("distance", 0.0, "run"), ("fov", 0.0, "run"), ("distance", -1.0, "queue"), ("fov", -10.0, "queue"),
+    ("azimuths", "0, left", "run"), ("elevations", "0, 10", "run"),
+])
+def test_bad_camera_values_are_clear_errors(comfy_server, tmp_path, field, value, where):
+    name = _upload_mesh(comfy_server, colored_mesh(), "cam.glb", tmp_path)
+    inputs = {"mesh": ["1", 0], "azimuths": "0, 90, 180", "elevations": "0", "distance": 2.5, "fov": 40.0,
+              "width": 32, "height": 32, "frame_mesh": True, "background": 1.0, "antialias": True,
+              "backend": "auto"}
+    inputs[field] = value
+    api = {"1": {"class_type": "MPOD3D_LoadMesh", "inputs": {"mesh_file": name, "normalize": False}},
+           "2": {"class_type": "MPOD3D_RenderMeshViews", "inputs": inputs},
+           "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
+    if where == "queue":  # below the widget minimum: ComfyUI's own validation names the input
+        with pytest.raises(PromptRejected, match=field):
+            comfy_server.queue(api)
+        return
+    with pytest.raises(ExecutionError) as info:
+        comfy_server.run(api, timeout=60)
+    assert info.value.node_type == "MPOD3D_RenderMeshViews"
+    assert field in info.value.exception_message
