@@ -168,11 +168,10 @@ class RenderMeshViews(io.ComfyNode):
         device = bridge.torch_device()
         cameras = cam.orbit_cameras(elev, azim, distance, fov, device=device)
         tensors = meshlib.mesh_to_tensors(meshlib.normalize_mesh(mesh) if frame_mesh else mesh, device=device)
-        progress = bridge.Progress(len(cameras))
         out = render_mesh(tensors.vertices, tensors.faces, cameras, width, height,
                           vertex_colors=tensors.vertex_colors, uv=tensors.uv, texture=tensors.texture,
-                          background=(background,) * 3, antialias=antialias, backend=backend)
-        progress(len(cameras), len(cameras), out.color[0])
+                          background=(background,) * 3, antialias=antialias, backend=backend,
+                          progress=bridge.Progress(len(cameras)))
         normal = torch.where(out.alpha[..., None] > 0, out.normal * 0.5 + 0.5, torch.zeros_like(out.normal))
         return io.NodeOutput(out.color.cpu(), normal.cpu(), _depth_image(out.depth, out.alpha).cpu(),
                              out.alpha.cpu())

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -65,7 +65,8 @@ def render_mesh(vertices: torch.Tensor, faces: torch.Tensor, cameras: Cameras, w
                 texture: Optional[torch.Tensor] = None,
                 background: Union[Sequence[float], torch.Tensor] = (0.0, 0.0, 0.0),
                 antialias: bool = True, backend: str = "auto",
-                views_per_chunk: int = DEFAULT_VIEWS_PER_CHUNK) -> MeshRender:
+                views_per_chunk: int = DEFAULT_VIEWS_PER_CHUNK,
+                progress: Optional[Callable[[int, int, Optional[torch.Tensor]], None]] = None) -> MeshRender:
     """Render a triangle mesh from N cameras.
 
     Colour is the texture if ``uv`` and ``texture`` are given, else the vertex
@@ -91,6 +92,9 @@ def render_mesh(vertices: torch.Tensor, faces: torch.Tensor, cameras: Cameras, w
             ``color`` gradients w.r.t. vertex positions at silhouettes).
         backend: one of :data:`ops.BACKENDS`.
         views_per_chunk: views rasterized together; bounds memory.
+        progress: optional ``progress(views_done, n_views, preview)`` called after each
+            chunk of views with the chunk's first colour image (H, W, 3); it may raise
+            to stop the render (ComfyUI's interrupt).
 
     Returns:
         :class:`MeshRender` with (N, H, W, ...) images.
@@ -154,6 +158,8 @@ def render_mesh(vertices: torch.Tensor, faces: torch.Tensor, cameras: Cameras, w
         sub = Cameras(cams.c2w[s:e], cams.fovy[s:e], cams.near, cams.far)
         chunks.append(_render_views(vertices, faces, sub, width, height, fnormals, vertex_colors, uv,
                                     texture, bg[s:e], antialias, backend))
+        if progress is not None:
+            progress(e, n_views, chunks[-1].color[0].detach())
     if len(chunks) == 1:
         return chunks[0]
     return MeshRender(*(torch.cat([getattr(c, f) for c in chunks]) for f in
