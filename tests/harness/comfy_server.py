@@ -10,6 +10,7 @@ Only the standard library is used (urllib, json, socket, subprocess).
 
 from __future__ import annotations
 
+import atexit
 import json
 import mimetypes
 import os
@@ -149,6 +150,10 @@ class ComfyServer:
             (b / d).mkdir(parents=True, exist_ok=True)
         for d in MODEL_SUBDIRS:
             (self.models_dir / d).mkdir(parents=True, exist_ok=True)
+        # A stock ComfyUI ships input/example.png; workflows often name it.
+        example = self.comfyui_dir / "input" / "example.png"
+        if example.is_file() and not (b / "input" / "example.png").exists():
+            shutil.copyfile(example, b / "input" / "example.png")
         if self.load_pack and not self.pack_link.exists():
             self.pack_link.symlink_to(REPO_ROOT, target_is_directory=True)
         yaml_path = b / "extra_model_paths.yaml"
@@ -186,8 +191,8 @@ class ComfyServer:
         self.proc = subprocess.Popen(
             self.command(), cwd=str(self.comfyui_dir), env=env,
             stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
         )
+        atexit.register(self.stop)  # never leave a server behind
         deadline = t0 + self.boot_timeout
         while True:
             if self.proc.poll() is not None:
@@ -221,6 +226,7 @@ class ComfyServer:
                 self.proc.kill()
                 self.proc.wait(timeout=timeout)
         self.proc = None
+        atexit.unregister(self.stop)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
@@ -312,9 +318,14 @@ class ComfyServer:
         """POST /settings/{id} with a JSON body (the frontend's user settings)."""
         self.post_json("/settings/" + urllib.parse.quote(setting_id, safe=""), value)
 
-    def queue(self, prompt_api: dict, extra_data: dict | None = None) -> str:
-        """POST /prompt; returns the prompt id. Raises ``PromptRejected`` with
-        the server's error JSON when validation fails."""
+    def queue(self, prompt_api: dict, extra_data: dict | None = None, allow_partial: bool = False) -> str:
+        """POST /prompt; returns the prompt id.
+
+        Raises ``PromptRejected`` with the server's error JSON when validation
+        fails. ComfyUI also accepts a prompt when only some of its output nodes
+        are valid (it runs those and lists the others in ``node_errors``); that
+        is rejected too, and the prompt taken off the queue, unless
+        ``allow_partial=True``."""
         payload = {"prompt": prompt_api, "client_id": self.client_id}
         if extra_data:
             payload["extra_data"] = extra_data
@@ -327,7 +338,20 @@ class ComfyServer:
             except ValueError:
                 raise ComfyServerError(f"POST /prompt failed: HTTP {e.code}: {raw[:2000]!r}") from None
             raise PromptRejected(err) from None
+        if resp.get("node_errors") and not allow_partial:
+            self.cancel(resp["prompt_id"])
+            raise PromptRejected({"error": {"type": "partially_invalid_prompt",
+                                            "message": "some output nodes failed validation; "
+                                                       "ComfyUI would run only the others"},
+                                  "node_errors": resp["node_errors"]})
         return resp["prompt_id"]
+
+    def cancel(self, prompt_id: str) -> None:
+        """Take a prompt off the queue, or interrupt it if it already runs."""
+        self.post_json("/queue", {"delete": [prompt_id]})
+        running = self.get_json("/queue").get("queue_running") or []
+        if any(len(item) > 1 and item[1] == prompt_id for item in running):
+            self.interrupt(prompt_id)
 
     def history(self, prompt_id: str) -> dict | None:
         return self.get_json(f"/history/{prompt_id}").get(prompt_id)
@@ -354,6 +378,13 @@ class ComfyServer:
         run was interrupted. Returns the history entry."""
         prompt_id = self.queue(prompt_api)
         entry = self.wait(prompt_id, timeout)
+        self.raise_for_status(entry)
+        return entry
+
+    @staticmethod
+    def raise_for_status(entry: dict) -> None:
+        """Raise ``ExecutionError`` when a history entry records a node
+        exception or an interrupt."""
         status = entry.get("status") or {}
         messages = status.get("messages") or []
         for kind, details in messages:
@@ -364,7 +395,6 @@ class ComfyServer:
                 raise ExecutionError(entry, details, interrupted=True)
         if status.get("status_str") == "error":
             raise ExecutionError(entry, None)
-        return entry
 
     def interrupt(self, prompt_id: str | None = None) -> None:
         """POST /interrupt (all running work, or only ``prompt_id``)."""

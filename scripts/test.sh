@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Build the test environment (scripts/setup.sh --test), then run the whole
+# suite with the venv's python. Integration and browser tests FAIL here,
+# instead of skipping, when ComfyUI or Chromium is missing.
+#
+# Usage: bash scripts/test.sh [pytest arguments...]
+#   e.g. bash scripts/test.sh tests/unit -x
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$REPO/scripts/setup.sh" --test
+
+PY="${PYTHON:-$REPO/.venv/bin/python}"
+export MPOD3D_REQUIRE_COMFYUI=1
+export MPOD3D_REQUIRE_BROWSER=1
+cd "$REPO"
+echo "[test] $PY -m pytest ${*:-tests}"
+if [ "$#" -gt 0 ]; then
+  exec "$PY" -m pytest "$@"
+fi
+exec "$PY" -m pytest tests
