@@ -42,7 +42,8 @@ class LoadMesh(io.ComfyNode):
                                          "[-0.5, 0.5]^3 the pack's cameras frame by default). Off keeps the "
                                          "file's own coordinates."),
             ],
-            outputs=[Trimesh.Output("mesh", tooltip="The mesh (trimesh.Trimesh), with its colours or texture.")],
+            outputs=[Trimesh.Output("mesh", display_name="mesh",
+                                    tooltip="The mesh (trimesh.Trimesh), with its colours or texture.")],
         )
 
     @classmethod
@@ -55,7 +56,8 @@ class LoadMesh(io.ComfyNode):
             return (f"Load Mesh: unsupported mesh file '{mesh_file}': expected one of "
                     f"{', '.join(meshlib.LOAD_EXTENSIONS)}")
         if not path.is_file():
-            return f"Load Mesh: mesh file '{mesh_file}' not found in ComfyUI's input folder ({bridge.input_directory()})"
+            return (f"Load Mesh: mesh file '{mesh_file}' not found in ComfyUI's input folder "
+                    f"({bridge.input_directory()})")
         return True
 
     @classmethod
@@ -95,8 +97,9 @@ class SaveMesh(io.ComfyNode):
                                        ".mtl + texture image; ply keeps vertex colours (a texture is baked to "
                                        "vertex colours)."),
             ],
-            outputs=[io.String.Output("mesh_path", tooltip="Saved file, relative to the output folder "
-                                                           "(the model_file that core Preview3D expects).")],
+            outputs=[io.String.Output("mesh_path", display_name="mesh_path",
+                                      tooltip="Saved file, relative to the output folder (the model_file "
+                                              "that core Preview3D expects).")],
         )
 
     @classmethod
@@ -146,12 +149,14 @@ class RenderMeshViews(io.ComfyNode):
                                        "rasterizer."),
             ],
             outputs=[
-                io.Image.Output("image", tooltip="Colour renders (vertex colours or texture; plain shaded "
-                                                 "grey when the mesh has neither)."),
-                io.Image.Output("normal", tooltip="World-space normals mapped to [0, 1] as (n + 1) / 2."),
-                io.Image.Output("depth", tooltip="View depth, white = near, black = far/background "
-                                                 "(normalised per image)."),
-                io.Mask.Output("mask", tooltip="Silhouette (1 = object)."),
+                io.Image.Output("image", display_name="image",
+                                tooltip="Colour renders (vertex colours or texture; plain shaded grey when the "
+                                        "mesh has neither)."),
+                io.Image.Output("normal", display_name="normal",
+                                tooltip="World-space normals mapped to [0, 1] as (n + 1) / 2."),
+                io.Image.Output("depth", display_name="depth",
+                                tooltip="View depth, white = near, black = far/background (normalised per image)."),
+                io.Mask.Output("mask", display_name="mask", tooltip="Silhouette (1 = object)."),
             ],
         )
 
@@ -198,7 +203,7 @@ class MeshToComfyMesh(io.ComfyNode):
             description="Convert a mesh to ComfyUI's native MESH (geometry only: native MESH has no colours), "
                         "for core nodes such as Save GLB.",
             inputs=[Trimesh.Input("mesh")],
-            outputs=[io.Mesh.Output("MESH")],
+            outputs=[io.Mesh.Output("MESH", display_name="MESH")],
         )
 
     @classmethod
@@ -222,7 +227,7 @@ class ComfyMeshToMesh(io.ComfyNode):
                 io.Int.Input("batch_index", default=0, min=0, max=4095,
                              tooltip="Which mesh of the MESH batch to take."),
             ],
-            outputs=[Trimesh.Output("mesh")],
+            outputs=[Trimesh.Output("mesh", display_name="mesh")],
         )
 
     @classmethod

@@ -46,3 +46,26 @@ def test_object_info_has_no_unregistered_pack_nodes(comfy_server):
     assert ours, f"no node in /object_info comes from {PACK_MODULE}"
     extra = sorted(ours - set(NODE_DISPLAY_NAMES))
     assert not extra, f"nodes served by the pack but missing from nodes.registry: {extra}"
+
+
+def test_every_pack_node_documents_itself(comfy_server):
+    """Users hover widgets for help: each node has a description, each widget a
+    tooltip, each output a name (not just its type), and all sit in the pack's category."""
+    from nodes.registry import CATEGORY, NODE_DISPLAY_NAMES
+
+    info = comfy_server.object_info()
+    problems = []
+    for nid in NODE_DISPLAY_NAMES:
+        node = info[nid]
+        if not node.get("description"):
+            problems.append(f"{nid}: no description")
+        if not node.get("category", "").startswith(CATEGORY):
+            problems.append(f"{nid}: category {node.get('category')!r} outside {CATEGORY}")
+        for section in ("required", "optional"):
+            for name, spec in (node["input"].get(section) or {}).items():
+                widget = isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+                if widget and not (len(spec) > 1 and spec[1].get("tooltip")):
+                    problems.append(f"{nid}.{name}: widget without tooltip")
+        if node["output_name"] and node["output_name"] == node["output"] and len(node["output"]) > 1:
+            problems.append(f"{nid}: outputs named only by type {node['output_name']}")
+    assert not problems, "\n".join(problems)
