@@ -54,6 +54,19 @@ def _upload_mesh(server, mesh, name, tmp_path) -> str:
     return f"{info['subfolder']}/{info['name']}" if info.get("subfolder") else info["name"]
 
 
+def load_then_save(mesh_file: str, filename_prefix: str = "x", fmt: str = "glb") -> dict:
+    """API prompt: Load Mesh -> Save Mesh."""
+    return {"1": {"class_type": "MPOD3D_LoadMesh", "inputs": {"mesh_file": mesh_file, "normalize": False}},
+            "2": {"class_type": "MPOD3D_SaveMesh", "inputs": {"mesh": ["1", 0], "filename_prefix": filename_prefix,
+                                                            "format": fmt}}}
+
+
+def _put_input_file(server, name: str, data: bytes) -> str:
+    (server.input_dir / "3d").mkdir(parents=True, exist_ok=True)
+    (server.input_dir / "3d" / name).write_bytes(data)
+    return f"3d/{name}"
+
+
 def _node_id(api: dict, class_type: str) -> str:
     ids = [k for k, v in api.items() if v["class_type"] == class_type]
     assert len(ids) == 1, (class_type, ids)
@@ -116,11 +129,7 @@ def test_textured_mesh_survives_save(comfy_server, roundtrip_api, tmp_path):
 @pytest.mark.parametrize("fmt", ["obj", "ply"])
 def test_save_formats(comfy_server, tmp_path, fmt):
     name = _upload_mesh(comfy_server, colored_mesh(), "fmt.glb", tmp_path)
-    api = {
-        "1": {"class_type": "MPOD3D_LoadMesh", "inputs": {"mesh_file": name, "normalize": False}},
-        "2": {"class_type": "MPOD3D_SaveMesh", "inputs": {"mesh": ["1", 0], "filename_prefix": f"fmt/{fmt}",
-                                                           "format": fmt}},
-    }
+    api = load_then_save(name, f"fmt/{fmt}", fmt)
     saved = _saved_mesh(comfy_server, comfy_server.run(api, timeout=120), api)
     assert saved.suffix == f".{fmt}"
     back = meshlib.load_mesh(saved)
@@ -182,29 +191,21 @@ def test_render_node_matches_trimesh_ray_casting(comfy_server, tmp_path):
 
 # ---------------------------------------------------------------- bad input
 def test_missing_mesh_file_is_a_clear_error(comfy_server):
-    api = {"1": {"class_type": "MPOD3D_LoadMesh", "inputs": {"mesh_file": "3d/no_such_mesh.glb", "normalize": False}},
-           "2": {"class_type": "MPOD3D_SaveMesh", "inputs": {"mesh": ["1", 0], "filename_prefix": "x", "format": "glb"}}}
     with pytest.raises(PromptRejected, match="no_such_mesh.glb' not found in ComfyUI's input folder"):
-        comfy_server.queue(api)
+        comfy_server.queue(load_then_save("3d/no_such_mesh.glb"))
 
 
 def test_unsupported_extension_is_a_clear_error(comfy_server):
-    (comfy_server.input_dir / "3d").mkdir(parents=True, exist_ok=True)
-    (comfy_server.input_dir / "3d" / "model.fbx").write_bytes(b"\0" * 64)
-    api = {"1": {"class_type": "MPOD3D_LoadMesh", "inputs": {"mesh_file": "3d/model.fbx", "normalize": False}},
-           "2": {"class_type": "MPOD3D_SaveMesh", "inputs": {"mesh": ["1", 0], "filename_prefix": "x", "format": "glb"}}}
+    name = _put_input_file(comfy_server, "model.fbx", b"\0" * 64)
     with pytest.raises(PromptRejected, match="unsupported mesh file '3d/model.fbx'"):
-        comfy_server.queue(api)
+        comfy_server.queue(load_then_save(name))
 
 
 def test_empty_mesh_is_a_clear_error(comfy_server):
-    (comfy_server.input_dir / "3d").mkdir(parents=True, exist_ok=True)
     # a valid binary STL with zero triangles
-    (comfy_server.input_dir / "3d" / "empty.stl").write_bytes(b"\0" * 80 + (0).to_bytes(4, "little"))
-    api = {"1": {"class_type": "MPOD3D_LoadMesh", "inputs": {"mesh_file": "3d/empty.stl", "normalize": False}},
-           "2": {"class_type": "MPOD3D_SaveMesh", "inputs": {"mesh": ["1", 0], "filename_prefix": "x", "format": "glb"}}}
+    name = _put_input_file(comfy_server, "empty.stl", b"\0" * 80 + (0).to_bytes(4, "little"))
     with pytest.raises(ExecutionError) as info:
-        comfy_server.run(api, timeout=60)
+        comfy_server.run(load_then_save(name), timeout=60)
     assert info.value.node_type == "MPOD3D_LoadMesh"
     assert "empty.stl" in info.value.exception_message
 
@@ -212,11 +213,8 @@ def test_empty_mesh_is_a_clear_error(comfy_server):
 @pytest.mark.parametrize("prefix", ["../escape", "/tmp/escape", "mesh/../../escape", ""])
 def test_filename_prefix_cannot_leave_output(comfy_server, tmp_path, prefix):
     name = _upload_mesh(comfy_server, colored_mesh(), "prefix.glb", tmp_path)
-    api = {"1": {"class_type": "MPOD3D_LoadMesh", "inputs": {"mesh_file": name, "normalize": False}},
-           "2": {"class_type": "MPOD3D_SaveMesh", "inputs": {"mesh": ["1", 0], "filename_prefix": prefix,
-                                                           "format": "glb"}}}
     with pytest.raises(ExecutionError) as info:
-        comfy_server.run(api, timeout=60)
+        comfy_server.run(load_then_save(name, prefix), timeout=60)
     assert info.value.node_type == "MPOD3D_SaveMesh"
     assert "filename_prefix" in info.value.exception_message
     escaped = comfy_server.base_dir.parent / "escape_00001_.glb"
