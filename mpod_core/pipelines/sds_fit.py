@@ -1,0 +1,101 @@
+"""SDS Image Fit: optimise an image by score distillation alone.
+
+The smallest real use of a denoiser: start from an image, follow the SDS
+gradient toward what the diffusion model (a prompt, or a Zero123 view of a
+reference image) considers likely. It is where guidance settings are tried out
+before they drive a 3D optimisation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+
+from ..guidance.protocol import Denoiser, ViewCondition
+from ..guidance.sds import SDSConfig, sds_image_loss
+
+#: ``progress(step, total, preview)``: preview is an (H, W, 3) image in [0, 1] or None.
+ProgressFn = Callable[[int, int, Optional[torch.Tensor]], None]
+
+
+@dataclass
+class SDSFitConfig:
+    """Settings of :func:`sds_fit`."""
+
+    steps: int = 100
+    """Optimisation steps (one SDS evaluation each)."""
+    learning_rate: float = 0.01
+    """Adam learning rate on the pixel values."""
+    sds: SDSConfig = field(default_factory=SDSConfig)
+    """Score distillation settings (guidance scale, timestep range, weighting, ...)."""
+    seed: int = 0
+    """Seed of the timesteps and noise drawn at each step."""
+    preview_every: int = 5
+    """Send a preview image to ``progress`` every this many steps (and at the last)."""
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.preview_every < 1:
+            raise ValueError(f"preview_every must be >= 1, got {self.preview_every}")
+        self.sds.validate()
+
+
+@dataclass
+class SDSFitResult:
+    """What :func:`sds_fit` produced."""
+
+    image: torch.Tensor
+    """(B, 3, H, W) the optimised image in [0, 1]."""
+    losses: List[float]
+    """SDS loss value at each step."""
+    grad_norms: List[float]
+    """Norm of the gradient that reached the image at each step."""
+
+
+def check_image(image: torch.Tensor, name: str = "image") -> None:
+    """Raise ValueError unless ``image`` is a finite (B, 3, H, W) tensor."""
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != 3:
+        got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"{name}: expected (B, 3, H, W) RGB, got {got}")
+    if not torch.isfinite(image).all():
+        raise ValueError(f"{name}: contains NaN or infinite values")
+
+
+def sds_fit(image: torch.Tensor, denoiser: Denoiser, config: SDSFitConfig,
+            views: Optional[ViewCondition] = None, progress: Optional[ProgressFn] = None) -> SDSFitResult:
+    """Optimise ``image`` by SDS with Adam, keeping pixels in [0, 1].
+
+    Args:
+        image: (B, 3, H, W) start image in [0, 1].
+        denoiser: the guidance model (its ``encode`` must be differentiable).
+        config: :class:`SDSFitConfig`.
+        views: the camera of each sample (view-conditioned models such as Zero123).
+        progress: called after every step; it may raise to stop (interrupt).
+
+    Returns:
+        :class:`SDSFitResult`.
+    """
+    config.validate()
+    check_image(image)
+    generator = torch.Generator(device=image.device).manual_seed(int(config.seed))
+    pixels = image.detach().clone().clamp(0, 1).requires_grad_(True)
+    optimiser = torch.optim.Adam([pixels], lr=config.learning_rate)
+    losses, grad_norms = [], []
+    for step in range(config.steps):
+        optimiser.zero_grad(set_to_none=True)
+        out = sds_image_loss(pixels, denoiser, config.sds, step, views, generator)
+        out.loss.backward()
+        grad_norms.append(float(pixels.grad.norm()))
+        losses.append(float(out.loss.detach()))
+        optimiser.step()
+        with torch.no_grad():
+            pixels.clamp_(0, 1)
+        if progress is not None:
+            last = step + 1 == config.steps
+            preview = pixels[0].detach().permute(1, 2, 0) if last or (step + 1) % config.preview_every == 0 else None
+            progress(step + 1, config.steps, preview)
+    return SDSFitResult(image=pixels.detach(), losses=losses, grad_norms=grad_norms)
