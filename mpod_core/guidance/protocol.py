@@ -1,7 +1,7 @@
 """The denoiser protocol: what score distillation needs from a diffusion model.
 
 Two adapters implement it: one over ComfyUI's MODEL/VAE/CLIP_VISION values
-(``nodes/comfy_bridge.py``) and one over diffusers models
+(``nodes/comfy_bridge/diffusion.py``) and one over diffusers models
 (:mod:`mpod_core.guidance.diffusers_adapter`); :class:`OracleDenoiser` in
 :mod:`mpod_core.guidance.oracle` has a known optimum for tests.
 

@@ -2,6 +2,8 @@
 
 Nodes call these helpers for devices, files, progress and interrupts, and pass
 the resulting plain callables into ``mpod_core`` (which never imports ComfyUI).
+The denoiser adapters over MODEL / VAE / CLIP_VISION live in
+:mod:`.diffusion` (imported by the nodes that need them, not here).
 """
 from __future__ import annotations
 

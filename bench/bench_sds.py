@@ -1,0 +1,134 @@
+"""Cost of one SDS step against the model's plain noise prediction, in ComfyUI.
+
+Run with the python that runs ComfyUI (the repo's .venv after scripts/setup.sh)::
+
+    .venv/bin/python bench/bench_sds.py [--comfyui .comfyui/ComfyUI] [--cache DIR] [--reps 3]
+
+It writes full-size random-weight checkpoints in the real single-file formats
+(SD 1.5 and Stable Zero123; cached in --cache), loads them with ComfyUI's own
+loader code, builds the pack's denoiser adapters and times, for each model and
+image size:
+
+* plain: one guided noise prediction (cond + uncond in one batch), no grad;
+* SDS step: encode the image (differentiable VAE encoder) -> noise -> guided
+  prediction -> gradient back to the image (``loss.backward()``).
+
+The ratio SDS / plain says what score distillation costs beyond the model's
+own forward (the encoder's forward and backward).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _import_pack(name: str = "comfyui_mpod3d_bench"):
+    """Import the pack as ComfyUI does (a package named after its folder)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return name
+
+
+def _median_time(fn, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--comfyui", default=str(REPO / ".comfyui" / "ComfyUI"))
+    ap.add_argument("--cache", default=None, help="folder for the random checkpoints (default: a temp dir)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--sizes", default="sd15:256,sd15:512,zero123:256",
+                    help="model:image-size pairs to time")
+    args = ap.parse_args(argv)
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from harness.checkpoints import write_sd15_checkpoint, write_stable_zero123_checkpoint
+
+    cache = Path(args.cache) if args.cache else Path(tempfile.mkdtemp(prefix="mpod3d-bench-"))
+    cache.mkdir(parents=True, exist_ok=True)
+    writers = {"sd15": write_sd15_checkpoint, "zero123": write_stable_zero123_checkpoint}
+    cases = [(m, int(s)) for m, s in (p.split(":") for p in args.sizes.split(","))]
+    files = {}
+    for kind in sorted({m for m, _ in cases}):
+        path = cache / f"random_{kind}.safetensors"
+        if not path.is_file():
+            t0 = time.perf_counter()
+            writers[kind](path, comfyui=args.comfyui, python=sys.executable)
+            print(f"wrote {path.name} in {time.perf_counter() - t0:.1f} s")
+        files[kind] = path
+
+    sys.argv = [sys.argv[0], "--cpu"]
+    sys.path.insert(0, args.comfyui)
+    import comfy.options
+    comfy.options.enable_args_parsing()
+    import torch
+    import comfy.sd
+
+    pack = _import_pack()
+    diffusion = importlib.import_module(f"{pack}.nodes.comfy_bridge.diffusion")
+    guidance = importlib.import_module(f"{pack}.mpod_core.guidance")
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; median of {args.reps} after a warm-up")
+    print(f"{'model':<9}{'image':>7}{'latent':>8}{'plain (ms)':>13}{'SDS step (ms)':>16}{'ratio':>8}")
+    for kind, size in cases:
+        if kind == "sd15":
+            model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(files[kind]), output_vae=True,
+                                                                     output_clip=True)[:3]
+            tokens = clip.tokenize("a DSLR photo of a wooden chair")
+            cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+            positive = [[cond, {"pooled_output": pooled}]]
+            denoiser = diffusion.ComfyTextDenoiser(model, vae, positive, None)
+            views, scale = None, 100.0
+        else:
+            out = comfy.sd.load_checkpoint_guess_config(str(files[kind]), output_vae=True, output_clip=False,
+                                                        output_clipvision=True)
+            model, vae, clip_vision = out[0], out[2], out[3]
+            reference = torch.rand(1, size, size, 3)
+            denoiser = diffusion.ComfyZero123Denoiser(model, clip_vision, vae, reference)
+            views = guidance.ViewCondition(torch.tensor([15.0]), torch.tensor([60.0]), torch.tensor([2.5]))
+            scale = 3.0
+        config = guidance.SDSConfig(guidance_scale=scale)
+        generator = torch.Generator().manual_seed(0)
+        image = torch.rand(1, 3, size, size)
+        with denoiser:
+            latents = denoiser.encode(image).detach()
+            t = torch.tensor([500])
+            latents_t = latents + 0.5 * torch.randn_like(latents)
+
+            def plain():
+                with torch.no_grad():
+                    denoiser.predict_noise(latents_t, t, scale, views)
+
+            def sds_step():
+                pixels = image.clone().requires_grad_(True)
+                out = guidance.sds_image_loss(pixels, denoiser, config, 0, views, generator)
+                out.loss.backward()
+                assert torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0
+
+            t_plain = _median_time(plain, args.reps)
+            t_sds = _median_time(sds_step, args.reps)
+        print(f"{kind:<9}{size:>6}²{latents.shape[-1]:>7}²{t_plain * 1e3:>13.0f}{t_sds * 1e3:>16.0f}"
+              f"{t_sds / t_plain:>8.2f}")
+        del denoiser, model, vae
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

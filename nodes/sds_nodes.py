@@ -1,0 +1,96 @@
+"""SDS Image Fit: the smallest real use of score distillation in the graph."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..mpod_core.guidance import WEIGHTINGS, SDSConfig, ViewCondition
+from ..mpod_core.pipelines.sds_fit import SDSFitConfig, sds_fit
+from . import comfy_bridge as bridge
+from .comfy_bridge.diffusion import ComfyTextDenoiser, ComfyZero123Denoiser
+from .registry import GUIDANCE_CATEGORY, NODE_DISPLAY_NAMES
+
+NODE_ID = "MPOD3D_SDSImageFit"
+
+
+class SDSImageFit(io.ComfyNode):
+    """Optimise an image toward a prompt or a Zero123 view by score distillation."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=NODE_ID, display_name=NODE_DISPLAY_NAMES[NODE_ID], category=GUIDANCE_CATEGORY,
+            description="Optimise an image by score distillation (SDS) alone: toward a text prompt "
+                        "(positive/negative from CLIP Text Encode, any SD 1.x/2.x MODEL incl. LoRA and "
+                        "attention patches) or toward a Stable Zero123 view of a reference image (connect "
+                        "clip_vision and reference_image). The place to try guidance settings before a 3D run.",
+            inputs=[
+                io.Model.Input("model", tooltip="SD 1.x/2.x or Stable Zero123 MODEL from ComfyUI's loaders."),
+                io.Vae.Input("vae", tooltip="The checkpoint's VAE (its encoder is differentiated through)."),
+                io.Image.Input("image", tooltip="Start image; its size must be a multiple of 8."),
+                io.Conditioning.Input("positive", optional=True, tooltip="Text mode: the prompt."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="Text mode: the negative prompt (empty conditioning if left out)."),
+                io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="Zero123 mode: CLIP_VISION from Image Only Checkpoint Loader."),
+                io.Image.Input("reference_image", optional=True,
+                               tooltip="Zero123 mode: the reference (input) view of the object."),
+                io.Int.Input("steps", default=100, min=1, max=100000, tooltip="Optimisation steps."),
+                io.Float.Input("learning_rate", default=0.01, min=1e-5, max=1.0, step=0.001,
+                               tooltip="Adam learning rate on pixel values."),
+                io.Float.Input("guidance_scale", default=7.5, min=0.0, max=1000.0, step=0.1,
+                               tooltip="Classifier-free guidance s in eps_u + s (eps_c - eps_u). SDS with "
+                                       "Stable Diffusion usually wants ~100; Zero123 3-5."),
+                io.Float.Input("min_step", default=0.02, min=0.0, max=1.0, step=0.01,
+                               tooltip="Lowest timestep sampled, as a fraction of the schedule."),
+                io.Float.Input("max_step", default=0.98, min=0.0, max=1.0, step=0.01,
+                               tooltip="Highest timestep sampled, as a fraction of the schedule."),
+                io.Combo.Input("weighting", options=list(WEIGHTINGS), default="sds",
+                               tooltip="w(t): sds = 1 - alpha_bar (DreamFusion), uniform = 1, "
+                                       "fantasia = sqrt(alpha_bar) (1 - alpha_bar)."),
+                io.Float.Input("elevation", default=0.0, min=-90.0, max=90.0, step=0.5,
+                               tooltip="Zero123 mode: target view elevation relative to the reference, degrees."),
+                io.Float.Input("azimuth", default=0.0, min=-180.0, max=180.0, step=0.5,
+                               tooltip="Zero123 mode: target view azimuth relative to the reference, degrees "
+                                       "(counter-clockwise seen from above)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the timesteps and noise drawn at each step."),
+            ],
+            outputs=[io.Image.Output("fitted_image", display_name="image", tooltip="The optimised image.")],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, image, steps, learning_rate, guidance_scale, min_step, max_step, weighting,
+                elevation, azimuth, seed, positive=None, negative=None, clip_vision=None,
+                reference_image=None) -> io.NodeOutput:
+        if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] < 3:
+            raise ValueError("image: expected a ComfyUI IMAGE (B, H, W, 3)")
+        zero123 = clip_vision is not None or reference_image is not None
+        if zero123 and (clip_vision is None or reference_image is None):
+            missing = "clip_vision" if clip_vision is None else "reference_image"
+            raise ValueError(f"Zero123 mode needs both clip_vision and reference_image; {missing} is not connected")
+        if not zero123 and positive is None:
+            raise ValueError("connect positive (and negative) conditioning for a text model, or clip_vision and "
+                             "reference_image for Stable Zero123")
+        config = SDSFitConfig(steps=steps, learning_rate=learning_rate, seed=seed,
+                              sds=SDSConfig(guidance_scale=guidance_scale, min_step=min_step, max_step=max_step,
+                                            weighting=weighting))
+        config.validate()
+        device = bridge.torch_device()
+        pixels = image[..., :3].movedim(-1, 1).to(device=device, dtype=torch.float32)
+        with torch.inference_mode(False), torch.enable_grad():
+            pixels = pixels.clone()  # a normal tensor: ComfyUI hands nodes inference tensors
+            if zero123:
+                denoiser = ComfyZero123Denoiser(model, clip_vision, vae, reference_image.clone())
+                b = pixels.shape[0]
+                views = ViewCondition(torch.full((b,), float(elevation)), torch.full((b,), float(azimuth)),
+                                      torch.full((b,), 2.5))
+            else:
+                denoiser = ComfyTextDenoiser(model, vae, positive, negative)
+                views = None
+            with denoiser:
+                result = sds_fit(pixels, denoiser, config, views=views, progress=bridge.Progress(steps))
+        return io.NodeOutput(result.image.movedim(1, -1).float().cpu())
+
+
+NODES = [SDSImageFit]
