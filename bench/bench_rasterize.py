@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import threading
@@ -37,6 +36,7 @@ import trimesh  # noqa: E402
 
 from mpod_core import cameras as C  # noqa: E402
 from mpod_core.render import antialias, interpolate, rasterize, render_mesh  # noqa: E402
+from timing import median_time  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 SIZE = 256
 SUBDIVISIONS = 6
@@ -121,13 +121,7 @@ def peak_memory_mib(name: str) -> float:
 
 
 def timed(fn, repeats=REPEATS):
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return median_time(fn, repeats)
 
 
 def main() -> None:

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_time  # noqa: E402
 
 
 def _import_pack(name: str = "comfyui_mpod3d_bench"):
@@ -38,16 +39,6 @@ def _import_pack(name: str = "comfyui_mpod3d_bench"):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return name
-
-
-def _median_time(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _load(sd, kind: str, path: Path):
@@ -138,12 +129,12 @@ def main(argv=None) -> int:
                 pixels = image.clone().requires_grad_(True)
                 denoiser.encode(pixels).square().sum().backward()
 
-            t_plain = _median_time(plain, args.reps)
-            t_sds = _median_time(sds_step, args.reps)
-            t_enc = _median_time(encoder_only, args.reps)
+            t_plain = median_time(plain, args.reps)
+            t_sds = median_time(sds_step, args.reps)
+            t_enc = median_time(encoder_only, args.reps)
         print(f"{kind:<9}{size:>6}²{latents.shape[-1]:>7}²{t_plain * 1e3:>13.0f}{t_enc * 1e3:>15.0f}"
               f"{t_sds * 1e3:>16.0f}{t_sds / t_plain:>8.2f}{(t_sds - t_plain - t_enc) * 1e3:>12.0f}")
-        del denoiser, model, vae
+        denoiser = model = vae = loaded = None  # free this model before loading the next
     return 0
 
 
