@@ -1,0 +1,91 @@
+"""tinycudann twin of the torch hash grid (same config, same flat parameter layout).
+
+tinycudann is imported lazily, inside the functions, so a missing or broken
+install never breaks importing the pack. It needs CUDA; its ``HashGrid`` is the
+reference implementation whose geometry :mod:`.hashgrid` reproduces, so a table
+copied between the backends (``tcnn.params.view(-1, F)`` <-> ``table``) gives the
+same encoding. This backend computes in float32 (tinycudann's half-precision
+default is not used, so values match the torch backend closely).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict
+
+import torch
+
+INSTALL_HINT = ("tinycudann is not installed. It needs a CUDA GPU and a CUDA toolkit: "
+                "`pip install ninja && pip install "
+                "git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch`; "
+                "or use backend='torch' (or 'auto') for the pure-PyTorch hash grid.")
+
+_IMPORT_ERROR: list = []  # cached failure of the lazy import
+_WARNED: list = []        # the 'auto' fallback warns once per process
+
+
+def _tcnn():
+    """Import ``tinycudann`` (lazily), raising ImportError with the install hint."""
+    if _IMPORT_ERROR:
+        raise ImportError(INSTALL_HINT) from _IMPORT_ERROR[0]
+    try:
+        import tinycudann as tcnn  # noqa: PLC0415 (lazy on purpose)
+    except Exception as exc:  # ImportError, or a broken build raising OSError/RuntimeError
+        _IMPORT_ERROR.append(exc)
+        raise ImportError(INSTALL_HINT) from exc
+    return tcnn
+
+
+def is_available() -> bool:
+    """True when CUDA is available and tinycudann imports."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        _tcnn()
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str) -> str:
+    """Map ``"auto" | "torch" | "tcnn"`` to the backend to use.
+
+    ``"tcnn"`` raises ImportError (with the install hint) when tinycudann or CUDA is
+    missing; ``"auto"`` falls back to ``"torch"`` with one RuntimeWarning per process.
+    """
+    if backend == "torch":
+        return "torch"
+    if backend == "tcnn":
+        if not torch.cuda.is_available():
+            raise ImportError("backend='tcnn' needs CUDA, which is not available. " + INSTALL_HINT)
+        _tcnn()
+        return "tcnn"
+    if is_available():
+        return "tcnn"
+    if not _WARNED:
+        _WARNED.append(True)
+        reason = "no CUDA" if not torch.cuda.is_available() else "tinycudann does not import"
+        warnings.warn(f"mpod_core.encoding: backend='auto' uses the pure-PyTorch hash grid ({reason}); "
+                      "this warning is shown once per process.", RuntimeWarning, stacklevel=4)
+    return "torch"
+
+
+def encoding_config(config) -> Dict[str, object]:
+    """tinycudann encoding config dict for a :class:`~.hashgrid.HashGridConfig`."""
+    return {
+        "otype": "HashGrid",
+        "n_levels": config.n_levels,
+        "n_features_per_level": config.n_features_per_level,
+        "log2_hashmap_size": config.log2_hashmap_size,
+        "base_resolution": config.base_resolution,
+        "per_level_scale": config.per_level_scale,
+        "interpolation": "Linear",
+    }
+
+
+def make_encoding(config) -> torch.nn.Module:
+    """A ``tinycudann.Encoding`` (3 inputs, float32) for ``config``; its ``params`` are the flat table."""
+    tcnn = _tcnn()
+    enc = tcnn.Encoding(3, encoding_config(config), dtype=torch.float32)
+    with torch.no_grad():
+        enc.params.uniform_(-config.init_scale, config.init_scale)
+    return enc
