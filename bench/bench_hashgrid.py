@@ -29,8 +29,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +38,7 @@ if ROOT not in sys.path:  # allow running from anywhere without installing the p
 import torch  # noqa: E402
 
 from mpod_core.encoding import HashGridConfig, HashGridEncoding  # noqa: E402
-from timing import median_time  # noqa: E402  (bench/ is sys.path[0] when run as a script)
+from timing import median_time, peak_rss_growth_kib  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 SIZES = (1 << 16, 1 << 18)
 REPEATS = 5
@@ -78,31 +76,11 @@ def points(n: int) -> torch.Tensor:
     return torch.rand(n, 3, generator=torch.Generator().manual_seed(0))
 
 
-def _rss_kib() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
-
-
 def child(impl: str, n: int, op: str) -> None:
     """Run one operation cold in a fresh process; print its peak RSS growth (KiB)."""
     enc = make(impl)
     fn = operations(enc, points(n))[op]
-    base = _rss_kib()
-    peak = [base]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_kib())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    fn()
-    done.set()
-    sampler.join()
-    peak[0] = max(peak[0], _rss_kib())
-    print(json.dumps({"peak_rss_growth_kib": peak[0] - base}))
+    print(json.dumps({"peak_rss_growth_kib": peak_rss_growth_kib(fn)}))
 
 
 def peak_memory_mib(impl: str, n: int, op: str) -> float:

@@ -23,7 +23,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +35,7 @@ import trimesh  # noqa: E402
 
 from mpod_core import cameras as C  # noqa: E402
 from mpod_core.render import antialias, interpolate, rasterize, render_mesh  # noqa: E402
-from timing import median_time  # noqa: E402  (bench/ is sys.path[0] when run as a script)
+from timing import median_time, peak_rss_growth_kib  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 SIZE = 256
 SUBDIVISIONS = 6
@@ -80,11 +79,6 @@ def operations(v, f, cam):
             "antialias (3 channels)": aa, "render_mesh (all outputs, antialiased)": full}
 
 
-def _rss_kib() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
-
-
 def child(name: str) -> None:
     """Run one operation cold in a fresh process; print its peak RSS growth (KiB).
 
@@ -96,22 +90,7 @@ def child(name: str) -> None:
     ops = operations(v, f, cam)
     if name.startswith("antialias"):
         ops["rasterize"]()
-    base = _rss_kib()
-    peak = [base]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_kib())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    ops[name]()
-    done.set()
-    sampler.join()
-    peak[0] = max(peak[0], _rss_kib())
-    print(json.dumps({"peak_rss_growth_kib": peak[0] - base}))
+    print(json.dumps({"peak_rss_growth_kib": peak_rss_growth_kib(ops[name])}))
 
 
 def peak_memory_mib(name: str) -> float:

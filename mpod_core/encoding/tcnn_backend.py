@@ -14,36 +14,25 @@ from typing import Dict
 
 import torch
 
+from ..lazy_cuda import LazyCudaModule
+
 INSTALL_HINT = ("tinycudann is not installed. It needs a CUDA GPU and a CUDA toolkit: "
                 "`pip install ninja && pip install "
                 "git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch`; "
                 "or use backend='torch' (or 'auto') for the pure-PyTorch hash grid.")
 
-_IMPORT_ERROR: list = []  # cached failure of the lazy import
-_WARNED: list = []        # the 'auto' fallback warns once per process
+_WARNED: list = []  # the 'auto' fallback warns once per process
+_TCNN = LazyCudaModule("tinycudann", INSTALL_HINT)
 
 
 def _tcnn():
     """Import ``tinycudann`` (lazily), raising ImportError with the install hint."""
-    if _IMPORT_ERROR:
-        raise ImportError(INSTALL_HINT) from _IMPORT_ERROR[0]
-    try:
-        import tinycudann as tcnn  # noqa: PLC0415 (lazy on purpose)
-    except Exception as exc:  # ImportError, or a broken build raising OSError/RuntimeError
-        _IMPORT_ERROR.append(exc)
-        raise ImportError(INSTALL_HINT) from exc
-    return tcnn
+    return _TCNN.load()
 
 
 def is_available() -> bool:
     """True when CUDA is available and tinycudann imports."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        _tcnn()
-    except ImportError:
-        return False
-    return True
+    return _TCNN.is_available()
 
 
 def resolve_backend(backend: str) -> str:

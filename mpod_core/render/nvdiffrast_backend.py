@@ -20,36 +20,25 @@ from typing import Dict, Tuple
 
 import torch
 
+from ..lazy_cuda import LazyCudaModule
+
 INSTALL_HINT = ("nvdiffrast is not installed. It needs a CUDA GPU and a CUDA toolkit: "
                 "`pip install ninja setuptools wheel && pip install "
                 "git+https://github.com/NVlabs/nvdiffrast.git --no-build-isolation`; "
                 "or use backend='torch' (or 'auto') for the pure-PyTorch rasterizer.")
 
 _CONTEXTS: Dict[int, object] = {}
-_IMPORT_ERROR: list = []  # cached failure of the lazy import
+_NVDIFFRAST = LazyCudaModule("nvdiffrast.torch", INSTALL_HINT)
 
 
 def _dr():
     """Import ``nvdiffrast.torch`` (lazily), raising ImportError with the install hint."""
-    if _IMPORT_ERROR:
-        raise ImportError(INSTALL_HINT) from _IMPORT_ERROR[0]
-    try:
-        import nvdiffrast.torch as dr  # noqa: PLC0415 (lazy on purpose)
-    except Exception as exc:  # ImportError, or a broken build raising OSError/RuntimeError
-        _IMPORT_ERROR.append(exc)
-        raise ImportError(INSTALL_HINT) from exc
-    return dr
+    return _NVDIFFRAST.load()
 
 
 def is_available() -> bool:
     """True when CUDA is available and nvdiffrast imports."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        _dr()
-    except ImportError:
-        return False
-    return True
+    return _NVDIFFRAST.is_available()
 
 
 def _context(device: torch.device):
