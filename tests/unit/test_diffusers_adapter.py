@@ -88,14 +88,19 @@ def test_encode_is_the_scaled_posterior_mean_and_differentiable(models):
     assert not torch.allclose(den_s.encode(img.detach()), lat.detach())
 
 
+def _raw_outputs(models, seed: int, timesteps):
+    """Noisy latents x, timesteps t and the UNet's raw conditional/unconditional outputs."""
+    _, _, cond, uncond = models
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    t = torch.tensor(timesteps)
+    with torch.no_grad():
+        return x, t, _unet(models, x, t, cond), _unet(models, x, t, uncond)
+
+
 def test_predict_noise_classifier_free_guidance(models):
     den = _denoiser(models)
-    _, _, cond, uncond = models
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    t = torch.tensor([10, 700])
+    x, t, eps_c, eps_u = _raw_outputs(models, 2, [10, 700])
     with torch.no_grad():
-        eps_c, eps_u = _unet(models, x, t, cond), _unet(models, x, t, uncond)
         e1 = den.predict_noise(x, t, 1.0)
         e75 = den.predict_noise(x, t, 7.5)
     assert e1.shape == (2, 4, 8, 8)
@@ -106,12 +111,8 @@ def test_predict_noise_classifier_free_guidance(models):
 
 def test_v_prediction_is_converted_with_the_formula(models):
     den = _denoiser(models, "v_prediction")
-    _, _, cond, uncond = models
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    t = torch.tensor([50, 900])
+    x, t, v_c, v_u = _raw_outputs(models, 3, [50, 900])
     with torch.no_grad():
-        v_c, v_u = _unet(models, x, t, cond), _unet(models, x, t, uncond)
         eps = den.predict_noise(x, t, 3.0)
     abar = _scheduler().alphas_cumprod[t].reshape(-1, 1, 1, 1)
     v = v_u + 3.0 * (v_c - v_u)
