@@ -1,0 +1,141 @@
+"""Save and load radiance fields: one ``.safetensors`` file whose header
+metadata carries the JSON settings (format, version, field config, marching
+settings, metadata), so weights and settings can never be separated.
+
+Writes are atomic: the file is written under a temporary name in the target
+folder and renamed into place, so an interrupted save leaves no partial file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .nerf import NeRFFieldConfig
+from .radiance_field import RadianceField
+
+FORMAT_NAME = "mpod3d-radiance-field"
+#: Bump when the tensor layout or the meaning of a setting changes.
+FORMAT_VERSION = 1
+SETTINGS_KEY = "mpod3d_settings"
+
+PathLike = Union[str, os.PathLike]
+
+
+def _state_for_file(field: RadianceField) -> dict:
+    """State dict with the hash table under its torch-backend name and shape, so
+    files are portable between the torch and tinycudann backends (same layout)."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in field.state_dict().items()}
+    tcnn_key = "field.encoding.tcnn.params"
+    if tcnn_key in state:
+        state["field.encoding.table"] = state.pop(tcnn_key).float().reshape(
+            -1, field.config.hash_grid.n_features_per_level)
+    state["grid.mask"] = state["grid.mask"].to(torch.uint8)  # safetensors has bool, but keep it simple
+    return state
+
+
+def settings_of(field: RadianceField) -> dict:
+    """The JSON settings stored beside the tensors."""
+    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": field.config.to_dict(),
+            "samples_per_ray": field.samples_per_ray, "grid_resolution": list(field.grid.resolution),
+            "grid": {"ema_decay": field.grid.ema_decay, "threshold": field.grid.threshold,
+                     "warmup_steps": field.grid.warmup_steps},
+            "meta": field.meta}
+
+
+def save_radiance_field(field: RadianceField, path: PathLike) -> Path:
+    """Write ``field`` to ``path`` (``.safetensors``) atomically.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {SETTINGS_KEY: json.dumps(settings_of(field))}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(_state_for_file(field), tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_settings(path: PathLike) -> dict:
+    """The settings JSON of a field file; ValueError for files that are not
+    radiance fields of this pack or come from another format version."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"radiance field file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"{path.name} is not a readable .safetensors file ({e})") from e
+    if SETTINGS_KEY not in meta:
+        raise ValueError(f"{path.name} is a .safetensors file but not an MPOD3D radiance field "
+                         f"(no '{SETTINGS_KEY}' metadata); save fields with the Save Radiance Field node")
+    settings = json.loads(meta[SETTINGS_KEY])
+    if settings.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path.name}: unknown format {settings.get('format')!r}")
+    version = settings.get("version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path.name} was saved in radiance-field format version {version}; this version of "
+                         f"the pack reads version {FORMAT_VERSION}. Re-create the field with this version, "
+                         f"or load it with the pack version that saved it.")
+    return settings
+
+
+def load_radiance_field(path: PathLike, *, backend: str = "auto", device=None) -> RadianceField:
+    """Read a field written by :func:`save_radiance_field`.
+
+    Args:
+        path: the ``.safetensors`` file.
+        backend: hash-grid backend for the loaded field.
+        device: where to put it (default CPU).
+    """
+    path = Path(path)
+    settings = read_settings(path)
+    field = RadianceField(NeRFFieldConfig.from_dict(settings["config"]),
+                          samples_per_ray=settings["samples_per_ray"],
+                          grid_resolution=settings["grid_resolution"][0], backend="torch",
+                          meta=settings.get("meta"))
+    g = settings["grid"]
+    field.grid.ema_decay, field.grid.threshold, field.grid.warmup_steps = (
+        float(g["ema_decay"]), float(g["threshold"]), int(g["warmup_steps"]))
+    tensors = {}
+    with safe_open(str(path), framework="pt") as f:
+        for k in f.keys():
+            tensors[k] = f.get_tensor(k)
+    tensors["grid.mask"] = tensors["grid.mask"].bool()
+    missing, unexpected = field.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path.name}: tensors do not match the settings (missing {missing}, "
+                         f"unexpected {unexpected})")
+    if backend != "torch":
+        field = _rebuild_with_backend(field, backend)
+    return field.to(device) if device is not None else field
+
+
+def _rebuild_with_backend(field: RadianceField, backend: str) -> RadianceField:
+    """Same field on another hash-grid backend (``auto`` stays torch without CUDA)."""
+    from ..encoding import tcnn_backend  # noqa: PLC0415 (lazy: tinycudann)
+
+    if tcnn_backend.resolve_backend(backend) == "torch":
+        return field
+    new = RadianceField(field.config, samples_per_ray=field.samples_per_ray,
+                        grid_resolution=field.grid.resolution[0], backend=backend, meta=field.meta)
+    state = field.state_dict()
+    table = state.pop("field.encoding.table")
+    new.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        new.field.encoding.tcnn.params.copy_(table.reshape(-1).to(new.field.encoding.tcnn.params))
+    return new

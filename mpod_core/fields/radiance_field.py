@@ -1,0 +1,129 @@
+"""A radiance field as it travels between nodes: the NeRF field, its occupancy
+grid, its marching settings and where it came from (camera convention, the
+reference view it was fitted to, iterations done).
+
+Rendering is chunked over rays (memory bounded at any resolution) and returns
+images in ComfyUI's channels-last layout.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from ..cameras import Cameras, get_rays
+from ..volume import DEFAULT_CHUNK, OccupancyGrid, opacity_from_density, render_rays
+from .nerf import NeRFField, NeRFFieldConfig
+
+#: The camera convention every field is fitted in (documented in :mod:`mpod_core.cameras`).
+CAMERA_CONVENTION = "mpod3d-orbit-v1"
+
+#: Defaults of the marching and the occupancy grid (REFERENCE.md, stage 1).
+DEFAULT_SAMPLES_PER_RAY = 256
+DEFAULT_GRID_RESOLUTION = 32
+
+
+class RadianceField(nn.Module):
+    """NeRF field + occupancy grid + metadata.
+
+    Args:
+        config: the field's hyper-parameters.
+        samples_per_ray: marching step ``sqrt(3) * 2 * radius / samples_per_ray``
+            (samples along the cube's diagonal).
+        grid_resolution: occupancy-grid cells per axis.
+        backend: hash-grid backend (``"auto" | "torch" | "tcnn"``).
+        meta: JSON-serialisable facts about the field (reference view, steps
+            done, training settings); kept and saved as is.
+    """
+
+    def __init__(self, config: Optional[NeRFFieldConfig] = None, *,
+                 samples_per_ray: int = DEFAULT_SAMPLES_PER_RAY,
+                 grid_resolution: int = DEFAULT_GRID_RESOLUTION, backend: str = "auto",
+                 meta: Optional[dict] = None) -> None:
+        super().__init__()
+        if int(samples_per_ray) < 8:
+            raise ValueError(f"samples_per_ray must be >= 8, got {samples_per_ray}")
+        self.field = NeRFField(config, backend=backend)
+        self.grid = OccupancyGrid(self.field.aabb, resolution=int(grid_resolution))
+        self.samples_per_ray = int(samples_per_ray)
+        self.meta: dict = dict(meta or {})
+        self.meta.setdefault("camera_convention", CAMERA_CONVENTION)
+        self.meta.setdefault("steps_done", 0)
+
+    @property
+    def config(self) -> NeRFFieldConfig:
+        return self.field.config
+
+    @property
+    def aabb(self):
+        return self.field.aabb
+
+    @property
+    def step_size(self) -> float:
+        return math.sqrt(3.0) * 2.0 * self.config.radius / self.samples_per_ray
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.field.parameters()).device
+
+    def _rays(self, cameras: Cameras, width: int, height: int):
+        cams = cameras.to(device=self.device, dtype=torch.float32)
+        origins, dirs = get_rays(cams, width, height)
+        return origins.reshape(-1, 3), dirs.reshape(-1, 3)
+
+    def render(self, cameras: Cameras, width: int, height: int, *, background=None,
+               with_normals: bool = False, generator: Optional[torch.Generator] = None,
+               use_grid: bool = True, chunk: int = DEFAULT_CHUNK) -> Dict[str, torch.Tensor]:
+        """Volume-render N views.
+
+        Args:
+            cameras: N cameras (any device; moved to the field's).
+            width, height: image size.
+            background: None (black, premultiplied colour), a float, (3,) or
+                (N*H*W, 3) background composited behind the matter.
+            with_normals: also return the opacity-weighted normals.
+            generator: jitter samples inside their intervals (training).
+            use_grid: skip empty space with the occupancy grid.
+            chunk: rays per batch.
+
+        Returns:
+            ``color`` (N, H, W, 3), ``opacity`` (N, H, W), ``depth`` (N, H, W)
+            (ray distance, 0 where empty) and, with ``with_normals``, ``normal``
+            (N, H, W, 3) (premultiplied by opacity). Differentiable w.r.t. the
+            field's parameters unless called under ``no_grad``.
+        """
+        origins, dirs = self._rays(cameras, width, height)
+        out = render_rays(self.field, origins, dirs, self.aabb, self.step_size,
+                          self.grid if use_grid else None, background=background,
+                          normal_fn=self.field.normals if with_normals else None,
+                          generator=generator, chunk=chunk)
+        n = len(cameras)
+        return {k: v.reshape(n, height, width, *v.shape[1:]) for k, v in out.items()}
+
+    def opacity(self, cameras: Cameras, width: int, height: int, *, use_grid: bool = True,
+                chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+        """Accumulated opacity from density only (MPOD123 eq. 3-5): (N, H, W) in [0, 1]."""
+        origins, dirs = self._rays(cameras, width, height)
+        opa = opacity_from_density(self.field.density, origins, dirs, self.aabb, self.step_size,
+                                   self.grid if use_grid else None, chunk=chunk)
+        return opa.reshape(len(cameras), height, width)
+
+    @torch.no_grad()
+    def opacity_mask(self, cameras: Cameras, width: int, height: int, threshold: float = 0.5, *,
+                     chunk: int = DEFAULT_CHUNK):
+        """MPOD123's outline masks: ``opacity > threshold`` (eq. 3-5, threshold 0.5 in the paper).
+
+        Returns:
+            mask (N, H, W) float in {0, 1} and the raw opacity (N, H, W).
+        """
+        if not 0.0 <= threshold < 1.0:
+            raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+        opacity = self.opacity(cameras, width, height, chunk=chunk)
+        return (opacity > threshold).to(opacity.dtype), opacity
+
+    @torch.no_grad()
+    def update_grid(self, step: int, generator: Optional[torch.Generator] = None) -> None:
+        """One occupancy-grid update from the current density (see :class:`OccupancyGrid`)."""
+        self.grid.update(step, self.field.density, generator=generator)

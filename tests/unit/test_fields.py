@@ -1,0 +1,165 @@
+"""The stage-1 NeRF field, the RadianceField container and its file format."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mpod_core.cameras import orbit_cameras
+from mpod_core.encoding import HashGridConfig
+from mpod_core.fields import (FORMAT_VERSION, NeRFField, NeRFFieldConfig, RadianceField, load_radiance_field,
+                              read_settings, save_radiance_field)
+from mpod_core.fields import io as field_io
+
+SMALL = NeRFFieldConfig(hash_grid=HashGridConfig(n_levels=4, log2_hashmap_size=12))
+
+
+def _field(seed=0, **kw):
+    torch.manual_seed(seed)
+    return RadianceField(SMALL, backend="torch", samples_per_ray=64, **kw)
+
+
+def _perturbed(seed=0):
+    """A field whose MLP and table are far from the init, so renders are not just the blob."""
+    f = _field(seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for p in f.field.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    return f
+
+
+def test_blob_init_is_a_ball_of_radius_blob_std():
+    f = _field()
+    pts = torch.tensor([[0.0, 0.0, 0.0], [0.2, 0.1, 0.0], [0.0, 0.9, 0.0], [0.7, 0.7, 0.0]])
+    sigma = f.field.density(pts)
+    assert sigma[0] > 9.0 and sigma[1] > 4.0  # softplus(10 * (1 - r / 0.5)) + small MLP output
+    assert sigma[2] < 1e-2 and sigma[3] < 1e-2
+    # A ray through the centre crosses optical depth ~ int softplus(10 (1 - |s| / 0.5)) ds ~ 5
+    # (plus the small MLP output): opacity ~ 1 - e^-5 = 0.993. Rays 0.8 from the centre are clear.
+    cams = orbit_cameras([0.0, 40.0], [0.0, 123.0])
+    opa = f.opacity(cams, 32, 32)
+    centre = opa[:, 15:17, 15:17]
+    assert (centre > 0.985).all() and (centre < 0.998).all(), centre
+    assert (opa[:, :3, :3] < 0.01).all()
+
+
+def test_density_is_zero_outside_the_box_and_forward_agrees():
+    f = _perturbed()
+    pts = torch.tensor([[1.2, 0.0, 0.0], [0.0, -1.01, 0.0], [0.3, 0.2, -0.1]])
+    sigma, rgb = f.field(pts)
+    assert sigma[0] == 0 and sigma[1] == 0 and sigma[2] > 0
+    torch.testing.assert_close(sigma, f.field.density(pts))
+    torch.testing.assert_close(rgb, f.field.albedo(pts))
+    assert rgb.shape == (3, 3) and ((rgb > 0) & (rgb < 1)).all()
+
+
+def test_normals_of_the_blob_point_radially_outwards():
+    f = _field()
+    g = torch.Generator().manual_seed(1)
+    d = torch.nn.functional.normalize(torch.randn(500, 3, generator=g), dim=-1)
+    pts = d * (0.2 + 0.5 * torch.rand(500, 1, generator=g))
+    n = f.field.normals(pts)
+    torch.testing.assert_close(n.norm(dim=-1), torch.ones(500))
+    cos = (n * d).sum(-1)
+    assert cos.min() > 0.99, float(cos.min())  # inverted or permuted normals give <= 0
+
+
+def test_normals_match_autograd_gradient_on_a_perturbed_field():
+    f = _perturbed(3)
+    pts = torch.tensor([[0.1, 0.2, 0.3], [-0.3, 0.1, 0.05]], requires_grad=True)
+    grad, = torch.autograd.grad(f.field.density(pts).sum(), pts)
+    fd = f.field.normals(pts.detach())
+    # finite differences over 0.01 against the exact gradient of a piecewise-trilinear field
+    cos = (fd * -torch.nn.functional.normalize(grad, dim=-1)).sum(-1)
+    assert cos.min() > 0.95, cos
+
+
+def test_render_shapes_and_gradients_reach_the_field():
+    f = _perturbed()
+    out = f.render(orbit_cameras([0.0, 30.0], [0.0, 90.0]), 12, 10, background=1.0, with_normals=True)
+    assert out["color"].shape == (2, 10, 12, 3) and out["opacity"].shape == (2, 10, 12)
+    assert out["depth"].shape == (2, 10, 12) and out["normal"].shape == (2, 10, 12, 3)
+    (out["color"].sum() + out["opacity"].sum()).backward()
+    assert f.field.encoding.table.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in f.field.mlp.parameters())
+
+
+def test_opacity_mask_is_the_threshold_of_the_rendered_opacity():
+    f = _perturbed(5)
+    f.update_grid(0)
+    cams = orbit_cameras([10.0, -20.0, 60.0], [0.0, 150.0, -70.0])
+    mask, opacity = f.opacity_mask(cams, 24, 24, threshold=0.5)
+    with torch.no_grad():
+        rendered = f.render(cams, 24, 24)["opacity"]
+    torch.testing.assert_close(opacity, rendered, rtol=0, atol=1e-6)
+    assert torch.equal(mask, (rendered > 0.5).float())
+    assert 0 < mask.mean() < 1  # the test would be vacuous on an all-empty or all-full mask
+    m2, _ = f.opacity_mask(cams, 24, 24, threshold=0.9)
+    assert m2.sum() < mask.sum()
+    with pytest.raises(ValueError, match="threshold"):
+        f.opacity_mask(cams, 8, 8, threshold=1.0)
+
+
+def test_save_load_gives_identical_renders(tmp_path):
+    f = _perturbed(7)
+    for step in (0, 16):
+        f.update_grid(step)
+    f.meta["steps_done"] = 123
+    path = save_radiance_field(f, tmp_path / "sub" / "field.safetensors")
+    g = load_radiance_field(path, backend="torch")
+    assert g.meta["steps_done"] == 123 and g.meta["camera_convention"] == f.meta["camera_convention"]
+    assert g.samples_per_ray == 64 and g.grid.resolution == f.grid.resolution
+    assert torch.equal(g.grid.mask, f.grid.mask) and torch.equal(g.grid.density, f.grid.density)
+    cams = orbit_cameras([5.0, 50.0], [10.0, 200.0])
+    with torch.no_grad():
+        a, b = f.render(cams, 16, 16, background=1.0), g.render(cams, 16, 16, background=1.0)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [p.name for p in tmp_path.joinpath("sub").iterdir()] == ["field.safetensors"]
+
+
+def test_field_from_another_version_or_not_a_field_is_rejected(tmp_path):
+    f = _field()
+    path = save_radiance_field(f, tmp_path / "f.safetensors")
+    settings = read_settings(path)
+    settings["version"] = FORMAT_VERSION + 1
+    state = field_io._state_for_file(f)
+    save_file(state, str(tmp_path / "future.safetensors"), metadata={field_io.SETTINGS_KEY: json.dumps(settings)})
+    with pytest.raises(ValueError, match=r"version %d; this version of the pack reads version %d"
+                       % (FORMAT_VERSION + 1, FORMAT_VERSION)):
+        load_radiance_field(tmp_path / "future.safetensors")
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not an MPOD3D radiance field"):
+        load_radiance_field(tmp_path / "other.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(ValueError, match="not a readable"):
+        load_radiance_field(tmp_path / "junk.safetensors")
+    with pytest.raises(FileNotFoundError):
+        load_radiance_field(tmp_path / "missing.safetensors")
+
+
+def test_interrupted_save_leaves_no_file(tmp_path, monkeypatch):
+    f = _field()
+    target = tmp_path / "f.safetensors"
+
+    def interrupted(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"half")  # the partial write an interrupt would leave
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(field_io, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_radiance_field(f, target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_round_trip_and_validation():
+    cfg = NeRFFieldConfig(radius=1.5, mlp_width=32, hash_grid=HashGridConfig(n_levels=6))
+    assert NeRFFieldConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="unknown field settings"):
+        NeRFFieldConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+    with pytest.raises(ValueError, match="radius"):
+        NeRFField(NeRFFieldConfig(radius=0.0))
+    with pytest.raises(ValueError, match="samples_per_ray"):
+        RadianceField(SMALL, samples_per_ray=2, backend="torch")
