@@ -257,3 +257,20 @@ def parse_angle_list(text: str, name: str) -> list[float]:
             raise ValueError(f"{name}: '{p}' is not a finite number")
         values.append(v)
     return values
+
+
+def parse_view_lists(elevations: str, azimuths: str) -> tuple[list[float], list[float]]:
+    """Parse the elevation and azimuth widget strings of a set of orbit views.
+
+    One elevation applies to every azimuth; otherwise there must be one per azimuth.
+
+    Returns:
+        (elevations, azimuths) of equal length.
+    """
+    azim = parse_angle_list(azimuths, "azimuths")
+    elev = parse_angle_list(elevations, "elevations")
+    if len(elev) == 1:
+        elev = elev * len(azim)
+    if len(elev) != len(azim):
+        raise ValueError(f"elevations: give one value or one per azimuth ({len(azim)}), got {len(elev)}")
+    return elev, azim

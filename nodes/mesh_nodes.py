@@ -164,12 +164,7 @@ class RenderMeshViews(io.ComfyNode):
     def execute(cls, mesh, azimuths, elevations, distance, fov, width, height, frame_mesh, background,
                 antialias, backend) -> io.NodeOutput:
         meshlib.check_mesh(mesh, "Render Mesh Views input")
-        azim = cam.parse_angle_list(azimuths, "azimuths")
-        elev = cam.parse_angle_list(elevations, "elevations")
-        if len(elev) == 1:
-            elev = elev * len(azim)
-        if len(elev) != len(azim):
-            raise ValueError(f"elevations: give one value or one per azimuth ({len(azim)}), got {len(elev)}")
+        elev, azim = cam.parse_view_lists(elevations, azimuths)
         device = bridge.torch_device()
         cameras = cam.orbit_cameras(elev, azim, distance, fov, device=device)
         tensors = meshlib.mesh_to_tensors(meshlib.normalize_mesh(mesh) if frame_mesh else mesh, device=device)

@@ -7,6 +7,7 @@ outside a server. Node ids are permanent (saved workflows refer to them).
 CATEGORY = "MPOD3D"
 MESH_CATEGORY = f"{CATEGORY}/mesh"
 GUIDANCE_CATEGORY = f"{CATEGORY}/guidance"
+MPOD123_CATEGORY = f"{CATEGORY}/mpod123"
 
 #: node id -> display name shown in ComfyUI's menus and on the node.
 NODE_DISPLAY_NAMES = {
@@ -16,8 +17,16 @@ NODE_DISPLAY_NAMES = {
     "MPOD3D_MeshToComfyMesh": "Mesh to ComfyUI MESH",
     "MPOD3D_ComfyMeshToMesh": "ComfyUI MESH to Mesh",
     "MPOD3D_SDSImageFit": "SDS Image Fit",
+    "MPOD3D_Zero123SDSNeRF": "Zero123 SDS NeRF",
+    "MPOD3D_OpacityMask": "Opacity Mask",
+    "MPOD3D_FieldToMesh": "Field to Mesh",
+    "MPOD3D_SaveRadianceField": "Save Radiance Field",
+    "MPOD3D_LoadRadianceField": "Load Radiance Field",
 }
 
 #: Custom type name of meshes travelling between nodes (trimesh.Trimesh objects),
 #: the name other popular 3D packs use, so their meshes plug in.
 TRIMESH_TYPE = "TRIMESH"
+
+#: Custom type name of radiance fields (mpod_core.fields.RadianceField objects).
+RADIANCE_FIELD_TYPE = "RADIANCE_FIELD"

@@ -37,18 +37,53 @@ def input_directory() -> Path:
     return Path(folder_paths.get_input_directory())
 
 
-def list_input_files(extensions: Iterable[str]) -> list[str]:
-    """Files under ComfyUI's input folder (recursively) with one of ``extensions``.
-
-    Returns posix paths relative to the input folder, sorted, for a combo widget.
-    """
-    root = input_directory()
+def _list_files(root: Path, extensions: Iterable[str]) -> list[str]:
     exts = {e.lower() for e in extensions}
     if not root.is_dir():
         return []
     found = [p.relative_to(root).as_posix() for p in root.rglob("*")
              if p.is_file() and p.suffix.lower() in exts and not p.name.startswith(".")]
     return sorted(found)
+
+
+def list_input_files(extensions: Iterable[str]) -> list[str]:
+    """Files under ComfyUI's input folder (recursively) with one of ``extensions``.
+
+    Returns posix paths relative to the input folder, sorted, for a combo widget.
+    """
+    return _list_files(input_directory(), extensions)
+
+
+#: ComfyUI's annotation for a file named relative to the output folder (as Load Image uses it).
+OUTPUT_ANNOTATION = " [output]"
+
+
+def list_input_and_output_files(extensions: Iterable[str]) -> list[str]:
+    """Input-folder files, then output-folder files annotated ``" [output]"``,
+    so what a save node wrote can be loaded back without moving it."""
+    outputs = [f"{name}{OUTPUT_ANNOTATION}" for name in _list_files(output_directory(), extensions)]
+    return list_input_files(extensions) + outputs
+
+
+def _inside(root: Path, relative: str, what: str) -> Path:
+    root = root.resolve()
+    path = (root / relative).resolve()
+    if os.path.commonpath([root, path]) != str(root):
+        raise ValueError(f"'{relative}' is outside ComfyUI's {what} folder")
+    return path
+
+
+def resolve_input_or_output_file(name: str) -> Path:
+    """Absolute path of a name from :func:`list_input_and_output_files`.
+
+    Raises:
+        ValueError: empty, or leaving its folder.
+    """
+    if not name or not name.strip():
+        raise ValueError("no file selected")
+    if name.endswith(OUTPUT_ANNOTATION):
+        return _inside(output_directory(), name[:-len(OUTPUT_ANNOTATION)], "output")
+    return resolve_input_file(name)
 
 
 def resolve_input_file(relative: str) -> Path:
@@ -59,11 +94,7 @@ def resolve_input_file(relative: str) -> Path:
     """
     if not relative or not relative.strip():
         raise ValueError("no file selected: put a file in ComfyUI's input folder or upload one")
-    root = input_directory().resolve()
-    path = (root / relative).resolve()
-    if os.path.commonpath([root, path]) != str(root):
-        raise ValueError(f"'{relative}' is outside ComfyUI's input folder")
-    return path
+    return _inside(input_directory(), relative, "input")
 
 
 def output_directory() -> Path:

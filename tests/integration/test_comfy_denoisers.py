@@ -12,10 +12,8 @@ Costs on a 2-core CPU: writing each checkpoint ~15-25 s, one SDS step at 64x64
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import pytest
 from PIL import Image
 
 from harness.comfy_server import ExecutionError
+from harness.progress import ProgressWatcher
 from harness.paths import REPO_ROOT
 
 pytestmark = pytest.mark.comfyui
@@ -99,48 +98,9 @@ def test_zero123_sds_image_fit_runs(comfy_server, zero123_checkpoint):
 
 
 # --------------------------------------------------------------- interrupt
-class _ProgressWatcher:
-    """Collects ComfyUI websocket messages (aiohttp client, in a thread)."""
-
-    def __init__(self, server):
-        self.url = server.url.replace("http", "ws", 1) + f"/ws?clientId={server.client_id}"
-        self.messages: list[tuple[float, dict]] = []
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-
-    async def _run(self):
-        import aiohttp
-        async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(self.url) as ws:
-                self._ready.set()
-                while not self._stop.is_set():
-                    try:
-                        msg = await ws.receive(timeout=0.2)
-                    except asyncio.TimeoutError:
-                        continue
-                    if msg.type == aiohttp.WSMsgType.TEXT:
-                        self.messages.append((time.monotonic(), json.loads(msg.data)))
-                    elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-                        break
-
-    def __enter__(self):
-        self._thread.start()
-        assert self._ready.wait(10), "websocket did not connect"
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(5)
-
-    def progress_of(self, node_id: str):
-        return [(t, m["data"]) for t, m in self.messages
-                if m.get("type") == "progress" and m["data"].get("node") == node_id]
-
-
 def test_interrupt_stops_within_one_step(comfy_server, sd15_checkpoint):
     prompt = sd15_prompt(sd15_checkpoint, steps=500, prefix="sds_interrupt")
-    with _ProgressWatcher(comfy_server) as watch:
+    with ProgressWatcher(comfy_server) as watch:
         pid = comfy_server.queue(prompt)
         deadline = time.monotonic() + 240
         while len(watch.progress_of("5")) < 2:  # two steps done: we know a step's duration

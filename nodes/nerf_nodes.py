@@ -1,0 +1,357 @@
+"""MPOD123 stage 1 nodes: Zero123 SDS NeRF, Opacity Mask, Field to Mesh, and
+saving/loading radiance fields."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..mpod_core import cameras as cam
+from ..mpod_core.fields import RadianceField, load_radiance_field, read_settings, save_radiance_field
+from ..mpod_core.fields.extract import extract_mesh
+from ..mpod_core.fields.nerf import NeRFFieldConfig
+from ..mpod_core.guidance import SDSConfig
+from ..mpod_core.pipelines.mpod123 import Stage1Config, fit_stage1, prepare_reference, turntable_cameras
+from . import comfy_bridge as bridge
+from .comfy_bridge.diffusion import ComfyZero123Denoiser
+from .registry import MPOD123_CATEGORY, NODE_DISPLAY_NAMES, RADIANCE_FIELD_TYPE, TRIMESH_TYPE
+
+RadianceFieldType = io.Custom(RADIANCE_FIELD_TYPE)
+Trimesh = io.Custom(TRIMESH_TYPE)
+
+#: Widget value -> hash-grid backend of mpod_core.encoding.
+FIELD_BACKENDS = {"auto": "auto", "torch": "torch", "cuda": "tcnn"}
+FIELD_EXTENSIONS = (".safetensors",)
+
+
+def _schema(node_id: str, **kwargs) -> io.Schema:
+    return io.Schema(node_id=node_id, display_name=NODE_DISPLAY_NAMES[node_id], category=MPOD123_CATEGORY,
+                     **kwargs)
+
+
+def _check_field(field, name: str = "field") -> RadianceField:
+    if not isinstance(field, RadianceField):
+        raise ValueError(f"{name}: expected a radiance field from Zero123 SDS NeRF or Load Radiance Field, "
+                         f"got {type(field).__name__}")
+    return field
+
+
+def _trainable_copy(field: RadianceField, backend: str, device) -> RadianceField:
+    """A fresh, trainable copy (ComfyUI caches node outputs: never train the upstream object;
+    its tensors may also be inference tensors, which autograd refuses)."""
+    copy = RadianceField(field.config, samples_per_ray=field.samples_per_ray,
+                         grid_resolution=field.grid.resolution[0], backend=backend, meta=dict(field.meta))
+    copy.grid.ema_decay, copy.grid.threshold, copy.grid.warmup_steps = (
+        field.grid.ema_decay, field.grid.threshold, field.grid.warmup_steps)
+    state = {k: v.detach().clone() for k, v in field.state_dict().items()}
+    copy.load_state_dict(state)
+    return copy.to(device)
+
+
+def _reference_inputs(image: torch.Tensor, mask, invert_mask: bool):
+    """ComfyUI IMAGE (+ MASK) -> (H, W, 3) image and (H, W) foreground mask."""
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] not in (3, 4):
+        raise ValueError("image: expected a ComfyUI IMAGE (B, H, W, 3 or 4)")
+    img = image[0].float()
+    if mask is not None:
+        m = mask.float()
+        if m.ndim == 3:
+            m = m[0]
+        if m.ndim != 2:
+            raise ValueError(f"mask: expected a ComfyUI MASK (B, H, W) or (H, W), got {tuple(mask.shape)}")
+    elif img.shape[-1] == 4:
+        m = img[..., 3]
+    else:
+        raise ValueError("no mask: connect the object's MASK (e.g. from a background-removal node, or Load "
+                         "Image's MASK with invert_mask on), or give an RGBA image")
+    if invert_mask:
+        m = 1.0 - m
+    return img[..., :3], m
+
+
+class Zero123SDSNeRF(io.ComfyNode):
+    """MPOD123 stage 1: a NeRF from one image under Zero123 score distillation."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        defaults = Stage1Config()
+        sds = defaults.sds
+        return _schema(
+            "MPOD3D_Zero123SDSNeRF",
+            description="MPOD123 stage 1: optimise a hash-grid NeRF so that its front view matches the image "
+                        "(RGB + mask losses) and its novel views are likely under Stable Zero123 (score "
+                        "distillation). 75% of iterations are random novel views, 25% the reference view. Long: "
+                        "on a CPU one iteration at 128^2 with 256^2 guidance takes ~10 s; the paper runs 5000 on a GPU.",
+            inputs=[
+                io.Model.Input("model", tooltip="Stable Zero123 MODEL from Image Only Checkpoint Loader."),
+                io.ClipVision.Input("clip_vision", tooltip="CLIP_VISION from the same loader."),
+                io.Vae.Input("vae", tooltip="VAE from the same loader (its encoder is differentiated through)."),
+                io.Image.Input("image", tooltip="The reference image: square, object centred, seen from the front "
+                                                "(elevation 0, azimuth 0). The first image of a batch is used."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Object mask, 1 = object. Left out: the image's alpha channel (RGBA images)."),
+                RadianceFieldType.Input("resume_field", optional=True,
+                                        tooltip="Continue optimising this field (e.g. from Load Radiance Field) "
+                                                "instead of starting from the blob."),
+                io.Boolean.Input("invert_mask", default=False,
+                                 tooltip="Turn on when the mask is 1 on the background, e.g. Load Image's MASK "
+                                         "(1 where the picture is transparent)."),
+                io.Int.Input("iterations", default=defaults.iterations, min=1, max=100000,
+                             tooltip="Iterations to run (paper: 5000); a resumed field continues its count."),
+                io.Int.Input("resolution", default=defaults.resolution, min=16, max=1024, step=8,
+                             tooltip="Render resolution of every view (paper: 128)."),
+                io.Int.Input("guidance_resolution", default=defaults.guidance_resolution, min=64, max=1024, step=8,
+                             tooltip="Renders are resized to this before Zero123 encodes them (Zero123 was "
+                                     "trained at 256). Lower is faster and rougher."),
+                io.Float.Input("learning_rate", default=defaults.learning_rate, min=1e-5, max=1.0, step=1e-4,
+                               tooltip="Adam learning rate (paper: 0.001)."),
+                io.Float.Input("guidance_scale", default=sds.guidance_scale, min=0.0, max=100.0, step=0.1,
+                               tooltip="Classifier-free guidance of Zero123 (3-5 usual)."),
+                io.Float.Input("min_step", default=sds.min_step, min=0.0, max=1.0, step=0.01,
+                               tooltip="Lowest timestep at the start, fraction of the schedule."),
+                io.Float.Input("max_step", default=sds.max_step, min=0.0, max=1.0, step=0.01,
+                               tooltip="Highest timestep at the start."),
+                io.Float.Input("anneal_min_step", default=sds.anneal_min_step, min=0.0, max=1.0, step=0.01,
+                               tooltip="Lowest timestep after annealing."),
+                io.Float.Input("anneal_max_step", default=sds.anneal_max_step, min=0.0, max=1.0, step=0.01,
+                               tooltip="Highest timestep after annealing."),
+                io.Int.Input("anneal_iterations", default=sds.anneal_steps, min=0, max=100000,
+                             tooltip="The timestep range moves linearly to the annealed one over these iterations."),
+                io.Float.Input("reference_probability", default=defaults.reference_probability, min=0.0, max=1.0,
+                               step=0.05, tooltip="Share of iterations that fit the reference view (paper: 0.25)."),
+                io.Float.Input("elevation_min", default=defaults.elevation_range[0], min=-89.0, max=89.0, step=1.0,
+                               tooltip="Lowest elevation of random novel views, degrees."),
+                io.Float.Input("elevation_max", default=defaults.elevation_range[1], min=-89.0, max=89.0, step=1.0,
+                               tooltip="Highest elevation of random novel views, degrees."),
+                io.Float.Input("camera_distance", default=defaults.distance, min=0.1, max=100.0, step=0.05,
+                               tooltip="Distance of every camera from the object's centre (paper: 2.5)."),
+                io.Float.Input("fov", default=defaults.fov, min=1.0, max=179.0, step=0.5,
+                               tooltip="Vertical field of view of every camera, degrees (paper: 40)."),
+                io.Int.Input("samples_per_ray", default=256, min=16, max=2048,
+                             tooltip="Marching samples across the field's cube diagonal: more is sharper and slower."),
+                io.Int.Input("turntable_frames", default=8, min=1, max=360,
+                             tooltip="Views of the turntable output (one full turn at elevation 0)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the field's initialisation, the views, the timesteps and the noise."),
+                io.Combo.Input("backend", options=list(FIELD_BACKENDS), default="auto",
+                               tooltip="Hash grid: cuda = tinycudann (GPU, must be installed), torch = pure PyTorch "
+                                       "(any device), auto = cuda when available."),
+            ],
+            outputs=[
+                RadianceFieldType.Output("field", display_name="field",
+                                         tooltip="The radiance field (with its occupancy grid and cameras)."),
+                io.Image.Output("turntable", display_name="turntable",
+                                tooltip="Renders of the field from turntable_frames views on white."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip_vision, vae, image, invert_mask, iterations, resolution, guidance_resolution,
+                learning_rate, guidance_scale, min_step, max_step, anneal_min_step, anneal_max_step,
+                anneal_iterations, reference_probability, elevation_min, elevation_max, camera_distance, fov,
+                samples_per_ray, turntable_frames, seed, backend, mask=None, resume_field=None) -> io.NodeOutput:
+        ref_image, ref_mask = _reference_inputs(image, mask, invert_mask)
+        config = Stage1Config(
+            iterations=iterations, resolution=resolution, guidance_resolution=guidance_resolution,
+            learning_rate=learning_rate, reference_probability=reference_probability,
+            elevation_range=(elevation_min, elevation_max), distance=camera_distance, fov=fov, seed=seed,
+            sds=SDSConfig(guidance_scale=guidance_scale, min_step=min_step, max_step=max_step,
+                          anneal_min_step=anneal_min_step, anneal_max_step=anneal_max_step,
+                          anneal_steps=anneal_iterations))
+        config.validate()
+        if backend not in FIELD_BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(FIELD_BACKENDS)}, got {backend!r}")
+        device = bridge.torch_device()
+        with torch.inference_mode(False), torch.enable_grad():
+            if resume_field is not None:
+                field = _trainable_copy(_check_field(resume_field, "resume_field"), FIELD_BACKENDS[backend], device)
+            else:
+                with torch.random.fork_rng(devices=[]):  # seed the initial weights without touching global state
+                    torch.manual_seed(seed)
+                    field = RadianceField(NeRFFieldConfig(), samples_per_ray=samples_per_ray,
+                                          backend=FIELD_BACKENDS[backend]).to(device)
+            # Validates image and mask (clear errors) and gives the object over white at full size:
+            # Zero123 is conditioned on that, as the reference loss sees it.
+            white, _ = prepare_reference(ref_image, ref_mask, ref_image.shape[0], 1.0)
+            denoiser = ComfyZero123Denoiser(model, clip_vision, vae, white[None].clone(), reference_view=(0.0, 0.0))
+            with denoiser:
+                result = fit_stage1(ref_image.clone(), ref_mask.clone(), denoiser, config, field=field,
+                                    progress=bridge.Progress(iterations))
+        field = result.field
+        field.meta["training"] = {"image_size": list(ref_image.shape[:2]), "seed": seed,
+                                  "guidance_scale": guidance_scale, "iterations_last_run": iterations}
+        cams = turntable_cameras(turntable_frames, 0.0, camera_distance, fov)
+        with torch.no_grad():
+            turntable = _render_views(field, cams, resolution)
+        return io.NodeOutput(field.eval(), turntable)
+
+
+def _render_views(field: RadianceField, cams, resolution: int) -> torch.Tensor:
+    """(N, res, res, 3) colour renders on white, view by view with progress."""
+    progress = bridge.Progress(len(cams))
+    frames = []
+    for k in range(len(cams)):
+        one = cam.Cameras(cams.c2w[k:k + 1], cams.fovy[k:k + 1], cams.near, cams.far)
+        frame = field.render(one, resolution, resolution, background=1.0)["color"][0].clamp(0, 1)
+        frames.append(frame.cpu())
+        progress(k + 1, len(cams), frame)
+    return torch.stack(frames)
+
+
+def _default_view(field: RadianceField) -> dict:
+    return {**cam.REFERENCE_VIEW, **field.meta.get("reference_view", {})}
+
+
+class OpacityMask(io.ComfyNode):
+    """MPOD123 eq. 3-5: outline masks of a field from its accumulated opacity."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return _schema(
+            "MPOD3D_OpacityMask",
+            description="Outline masks of a radiance field (MPOD123 eq. 3-5): the opacity accumulated from density "
+                        "alone, thresholded. These masks drive the mask-rectified attention of stage 2.",
+            inputs=[
+                RadianceFieldType.Input("field"),
+                io.String.Input("azimuths", default="0, 90, 180, 270",
+                                tooltip="Azimuths in degrees, comma separated; counter-clockwise seen from above, "
+                                        "0 = the reference (front) view."),
+                io.String.Input("elevations", default="0",
+                                tooltip="Elevations in degrees: one value for all views, or one per azimuth."),
+                io.Float.Input("distance", default=0.0, min=0.0, max=100.0, step=0.05,
+                               tooltip="Camera distance; 0 = the distance the field was fitted with."),
+                io.Float.Input("fov", default=0.0, min=0.0, max=179.0, step=0.5,
+                               tooltip="Vertical field of view, degrees; 0 = the field's own."),
+                io.Int.Input("resolution", default=128, min=8, max=2048, step=8, tooltip="Mask size in pixels."),
+                io.Float.Input("threshold", default=0.5, min=0.0, max=0.999, step=0.01,
+                               tooltip="A pixel is inside the outline when its opacity exceeds this (paper: 0.5)."),
+            ],
+            outputs=[
+                io.Mask.Output("outline_mask", display_name="mask", tooltip="Outline masks, 1 = inside."),
+                io.Image.Output("opacity_image", display_name="opacity", tooltip="The raw opacity as a grey image."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, field, azimuths, elevations, distance, fov, resolution, threshold) -> io.NodeOutput:
+        _check_field(field)
+        elev, azim = cam.parse_view_lists(elevations, azimuths)
+        view = _default_view(field)
+        cams = cam.orbit_cameras(elev, azim, distance or view["distance"], fov or view["fov"])
+        progress = bridge.Progress(len(cams))
+        masks, opacities = [], []
+        for k in range(len(cams)):
+            one = cam.Cameras(cams.c2w[k:k + 1], cams.fovy[k:k + 1], cams.near, cams.far)
+            m, o = field.opacity_mask(one, resolution, resolution, threshold)
+            masks.append(m[0].cpu())
+            opacities.append(o[0].cpu())
+            progress(k + 1, len(cams), o[0, ..., None].expand(-1, -1, 3))
+        opacity = torch.stack(opacities)
+        return io.NodeOutput(torch.stack(masks), opacity[..., None].expand(-1, -1, -1, 3).contiguous())
+
+
+class FieldToMesh(io.ComfyNode):
+    """Marching cubes on the field's density, albedo as vertex colours."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return _schema(
+            "MPOD3D_FieldToMesh",
+            description="Extract a mesh from a radiance field: marching cubes on the density at the threshold, "
+                        "vertex colours from the field's albedo. Wire it into Save Mesh.",
+            inputs=[
+                RadianceFieldType.Input("field"),
+                io.Int.Input("resolution", default=128, min=16, max=512, step=8,
+                             tooltip="Marching-cubes lattice per axis over the field's cube (memory grows as its cube)."),
+                io.Float.Input("threshold", default=10.0, min=0.001, max=1000.0, step=0.5,
+                               tooltip="Density of the surface. Lower: fuller, puffier shape; higher: only dense "
+                                       "matter. A fresh field's blob peaks at ~10."),
+            ],
+            outputs=[Trimesh.Output("mesh", display_name="mesh", tooltip="Mesh with vertex colours.")],
+        )
+
+    @classmethod
+    def execute(cls, field, resolution, threshold) -> io.NodeOutput:
+        _check_field(field)
+        progress = bridge.Progress(100)
+
+        def step(done: int, total: int) -> None:
+            progress(int(100 * done / max(total, 1)), 100)
+
+        with torch.no_grad():
+            mesh = extract_mesh(field.field.density, field.aabb, resolution=resolution, threshold=threshold,
+                                color_fn=field.field.albedo, device=field.device, progress=step)
+        return io.NodeOutput(mesh)
+
+
+class SaveRadianceField(io.ComfyNode):
+    """Write a field to output/ as .safetensors (settings in its header)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return _schema(
+            "MPOD3D_SaveRadianceField",
+            description="Save a radiance field under ComfyUI's output folder as one .safetensors file (weights, "
+                        "occupancy grid and settings). Load Radiance Field lists it for resuming.",
+            is_output_node=True,
+            inputs=[
+                RadianceFieldType.Input("field"),
+                io.String.Input("filename_prefix", default="fields/mpod3d",
+                                tooltip="Name relative to the output folder; a counter is appended."),
+            ],
+            outputs=[io.String.Output("field_path", display_name="field_path",
+                                      tooltip="Saved file, relative to the output folder.")],
+        )
+
+    @classmethod
+    def execute(cls, field, filename_prefix) -> io.NodeOutput:
+        _check_field(field)
+        path, relative = bridge.next_output_path(filename_prefix, "safetensors")
+        save_radiance_field(field, path)
+        return io.NodeOutput(relative, ui={"text": [relative]})
+
+
+class LoadRadianceField(io.ComfyNode):
+    """Read a field saved by Save Radiance Field."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return _schema(
+            "MPOD3D_LoadRadianceField",
+            description="Load a radiance field (.safetensors from Save Radiance Field) from the input folder or, "
+                        "marked [output], the output folder.",
+            inputs=[
+                io.Combo.Input("field_file", options=bridge.list_input_and_output_files(FIELD_EXTENSIONS),
+                               tooltip="Field file; entries marked [output] are in ComfyUI's output folder."),
+                io.Combo.Input("backend", options=list(FIELD_BACKENDS), default="auto",
+                               tooltip="Hash-grid backend for the loaded field (files work with both)."),
+            ],
+            outputs=[RadianceFieldType.Output("field", display_name="field")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, field_file: str, **_) -> bool | str:
+        try:
+            path = bridge.resolve_input_or_output_file(field_file)
+        except ValueError as exc:
+            return f"Load Radiance Field: {exc}"
+        if not path.is_file():
+            return f"Load Radiance Field: '{field_file}' not found"
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, field_file: str, **_):
+        try:
+            stat = bridge.resolve_input_or_output_file(field_file).stat()
+            return (field_file, stat.st_mtime_ns, stat.st_size)
+        except (OSError, ValueError):
+            return field_file
+
+    @classmethod
+    def execute(cls, field_file, backend) -> io.NodeOutput:
+        path = bridge.resolve_input_or_output_file(field_file)
+        read_settings(path)  # clear errors for foreign files and other versions before any tensor is read
+        field = load_radiance_field(path, backend=FIELD_BACKENDS[backend], device=bridge.torch_device())
+        return io.NodeOutput(field.eval())
+
+
+NODES = [Zero123SDSNeRF, OpacityMask, FieldToMesh, SaveRadianceField, LoadRadianceField]

@@ -1,0 +1,46 @@
+"""Watch a live ComfyUI's websocket messages (progress, previews) from a test."""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+
+class ProgressWatcher:
+    """Collects ComfyUI websocket messages (aiohttp client, in a thread)."""
+
+    def __init__(self, server):
+        self.url = server.url.replace("http", "ws", 1) + f"/ws?clientId={server.client_id}"
+        self.messages: list[tuple[float, dict]] = []
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self):
+        import aiohttp
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(self.url) as ws:
+                self._ready.set()
+                while not self._stop.is_set():
+                    try:
+                        msg = await ws.receive(timeout=0.2)
+                    except asyncio.TimeoutError:
+                        continue
+                    if msg.type == aiohttp.WSMsgType.TEXT:
+                        self.messages.append((time.monotonic(), json.loads(msg.data)))
+                    elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                        break
+
+    def __enter__(self):
+        self._thread.start()
+        assert self._ready.wait(10), "websocket did not connect"
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(5)
+
+    def progress_of(self, node_id: str):
+        return [(t, m["data"]) for t, m in self.messages
+                if m.get("type") == "progress" and m["data"].get("node") == node_id]
