@@ -211,7 +211,7 @@ class OpacityMask(io.ComfyNode):
             description="Outline masks of a radiance field (MPOD123 eq. 3-5): the opacity accumulated from density "
                         "alone, thresholded. These masks drive the mask-rectified attention of stage 2.",
             inputs=[
-                RadianceFieldType.Input("field"),
+                RadianceFieldType.Input("field", tooltip="A radiance field from Zero123 SDS NeRF or Load Radiance Field."),
                 io.String.Input("azimuths", default="0, 90, 180, 270",
                                 tooltip="Azimuths in degrees, comma separated; counter-clockwise seen from above, "
                                         "0 = the reference (front) view."),
@@ -259,7 +259,7 @@ class FieldToMesh(io.ComfyNode):
             description="Extract a mesh from a radiance field: marching cubes on the density at the threshold, "
                         "vertex colours from the field's albedo. Wire it into Save Mesh.",
             inputs=[
-                RadianceFieldType.Input("field"),
+                RadianceFieldType.Input("field", tooltip="A radiance field from Zero123 SDS NeRF or Load Radiance Field."),
                 io.Int.Input("resolution", default=128, min=16, max=512, step=8,
                              tooltip="Marching-cubes lattice per axis over the field's cube (memory grows as its cube)."),
                 io.Float.Input("threshold", default=10.0, min=0.001, max=1000.0, step=0.5,
@@ -294,7 +294,7 @@ class SaveRadianceField(io.ComfyNode):
                         "occupancy grid and settings). Load Radiance Field lists it for resuming.",
             is_output_node=True,
             inputs=[
-                RadianceFieldType.Input("field"),
+                RadianceFieldType.Input("field", tooltip="A radiance field from Zero123 SDS NeRF or Load Radiance Field."),
                 io.String.Input("filename_prefix", default="fields/mpod3d",
                                 tooltip="Name relative to the output folder; a counter is appended."),
             ],
