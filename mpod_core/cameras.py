@@ -101,6 +101,10 @@ class Cameras:
         """(N, 4, 4) world -> clip matrices, ``projection @ w2c``."""
         return self.projection(width, height) @ self.w2c
 
+    def select(self, index) -> "Cameras":
+        """The cameras at ``index`` (a list, slice or bool/long tensor), as a new batch."""
+        return Cameras(self.c2w[index], self.fovy[index], self.near, self.far)
+
     def to(self, device=None, dtype=None) -> "Cameras":
         return Cameras(self.c2w.to(device=device, dtype=dtype),
                        self.fovy.to(device=device, dtype=dtype), self.near, self.far)

@@ -62,12 +62,7 @@ class LoadMesh(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, mesh_file: str, **_):
-        # Re-run when the file on disk changes, not only when the name does.
-        try:
-            stat = bridge.resolve_input_file(mesh_file).stat()
-            return (mesh_file, stat.st_mtime_ns, stat.st_size)
-        except (OSError, ValueError):
-            return mesh_file
+        return bridge.file_fingerprint(mesh_file, bridge.resolve_input_file)
 
     @classmethod
     def execute(cls, mesh_file: str, normalize: bool) -> io.NodeOutput:

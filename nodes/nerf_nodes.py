@@ -28,6 +28,10 @@ def _schema(node_id: str, **kwargs) -> io.Schema:
                      **kwargs)
 
 
+def _field_input():
+    return RadianceFieldType.Input("field", tooltip="A radiance field from Zero123 SDS NeRF or Load Radiance Field.")
+
+
 def _check_field(field, name: str = "field") -> RadianceField:
     if not isinstance(field, RadianceField):
         raise ValueError(f"{name}: expected a radiance field from Zero123 SDS NeRF or Load Radiance Field, "
@@ -190,7 +194,7 @@ def _render_views(field: RadianceField, cams, resolution: int) -> torch.Tensor:
     progress = bridge.Progress(len(cams))
     frames = []
     for k in range(len(cams)):
-        one = cam.Cameras(cams.c2w[k:k + 1], cams.fovy[k:k + 1], cams.near, cams.far)
+        one = cams.select([k])
         frame = field.render(one, resolution, resolution, background=1.0)["color"][0].clamp(0, 1)
         frames.append(frame.cpu())
         progress(k + 1, len(cams), frame)
@@ -211,7 +215,7 @@ class OpacityMask(io.ComfyNode):
             description="Outline masks of a radiance field (MPOD123 eq. 3-5): the opacity accumulated from density "
                         "alone, thresholded. These masks drive the mask-rectified attention of stage 2.",
             inputs=[
-                RadianceFieldType.Input("field", tooltip="A radiance field from Zero123 SDS NeRF or Load Radiance Field."),
+                _field_input(),
                 io.String.Input("azimuths", default="0, 90, 180, 270",
                                 tooltip="Azimuths in degrees, comma separated; counter-clockwise seen from above, "
                                         "0 = the reference (front) view."),
@@ -240,7 +244,7 @@ class OpacityMask(io.ComfyNode):
         progress = bridge.Progress(len(cams))
         masks, opacities = [], []
         for k in range(len(cams)):
-            one = cam.Cameras(cams.c2w[k:k + 1], cams.fovy[k:k + 1], cams.near, cams.far)
+            one = cams.select([k])
             m, o = field.opacity_mask(one, resolution, resolution, threshold)
             masks.append(m[0].cpu())
             opacities.append(o[0].cpu())
@@ -259,7 +263,7 @@ class FieldToMesh(io.ComfyNode):
             description="Extract a mesh from a radiance field: marching cubes on the density at the threshold, "
                         "vertex colours from the field's albedo. Wire it into Save Mesh.",
             inputs=[
-                RadianceFieldType.Input("field", tooltip="A radiance field from Zero123 SDS NeRF or Load Radiance Field."),
+                _field_input(),
                 io.Int.Input("resolution", default=128, min=16, max=512, step=8,
                              tooltip="Marching-cubes lattice per axis over the field's cube (memory grows as its cube)."),
                 io.Float.Input("threshold", default=10.0, min=0.001, max=1000.0, step=0.5,
@@ -294,7 +298,7 @@ class SaveRadianceField(io.ComfyNode):
                         "occupancy grid and settings). Load Radiance Field lists it for resuming.",
             is_output_node=True,
             inputs=[
-                RadianceFieldType.Input("field", tooltip="A radiance field from Zero123 SDS NeRF or Load Radiance Field."),
+                _field_input(),
                 io.String.Input("filename_prefix", default="fields/mpod3d",
                                 tooltip="Name relative to the output folder; a counter is appended."),
             ],
@@ -340,11 +344,7 @@ class LoadRadianceField(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, field_file: str, **_):
-        try:
-            stat = bridge.resolve_input_or_output_file(field_file).stat()
-            return (field_file, stat.st_mtime_ns, stat.st_size)
-        except (OSError, ValueError):
-            return field_file
+        return bridge.file_fingerprint(field_file, bridge.resolve_input_or_output_file)
 
     @classmethod
     def execute(cls, field_file, backend) -> io.NodeOutput:

@@ -97,6 +97,16 @@ def resolve_input_file(relative: str) -> Path:
     return _inside(input_directory(), relative, "input")
 
 
+def file_fingerprint(name: str, resolve: Callable[[str], Path]):
+    """A loader's ``fingerprint_inputs`` value: re-run when the file on disk
+    changes (mtime, size), not only when its name does."""
+    try:
+        stat = resolve(name).stat()
+        return (name, stat.st_mtime_ns, stat.st_size)
+    except (OSError, ValueError):
+        return name
+
+
 def output_directory() -> Path:
     return Path(folder_paths.get_output_directory())
 
