@@ -81,7 +81,7 @@ def _reference(res=32):
 
 
 def test_stage1_with_a_multi_view_oracle_recovers_the_silhouettes():
-    """IoU >= 0.9 at four held-out views after 150 iterations at 64^2 (measured: 0.92-0.99, ~60 s)."""
+    """IoU >= 0.9 at four held-out views after 150 iterations at 64^2 (measured: 0.915-0.98, ~50 s)."""
     res, iterations = 64, 150
     oracle = MeshOracle(res)
     image, mask = _reference(128)
@@ -107,7 +107,7 @@ def test_stage1_with_a_multi_view_oracle_recovers_the_silhouettes():
     print(f"\nstage-1 oracle: {iterations} it at {res}^2 in {seconds:.1f} s; IoU {iou.tolist()}; "
           f"PSNR {psnr.tolist()} dB")
     assert iou.min() >= 0.9, iou
-    assert psnr.min() >= 20.0, psnr  # measured 21-25 dB
+    assert psnr.min() >= 20.0, psnr  # measured 24-29 dB
     assert result.field.meta["steps_done"] == iterations
     assert {"rgb", "mask", "sds"} <= set(result.history)
 
