@@ -8,6 +8,7 @@ CATEGORY = "MPOD3D"
 MESH_CATEGORY = f"{CATEGORY}/mesh"
 GUIDANCE_CATEGORY = f"{CATEGORY}/guidance"
 MPOD123_CATEGORY = f"{CATEGORY}/mpod123"
+REPARO_CATEGORY = f"{CATEGORY}/reparo"
 
 #: node id -> display name shown in ComfyUI's menus and on the node.
 NODE_DISPLAY_NAMES = {
@@ -22,6 +23,7 @@ NODE_DISPLAY_NAMES = {
     "MPOD3D_FieldToMesh": "Field to Mesh",
     "MPOD3D_SaveRadianceField": "Save Radiance Field",
     "MPOD3D_LoadRadianceField": "Load Radiance Field",
+    "MPOD3D_CropObjects": "Crop Objects",
 }
 
 #: Custom type name of meshes travelling between nodes (trimesh.Trimesh objects),

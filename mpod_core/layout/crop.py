@@ -1,0 +1,124 @@
+"""Crop Objects: cut each object out of a multi-object image, centred on a
+square canvas, as image-to-3D models expect (their training views show one
+centred object; REPARO section 3.1).
+
+For an object whose mask has bounding box ``(x0, y0, x1, y1)`` (pixels, x1/y1
+exclusive), the crop is the square of side ``max(x1 - x0, y1 - y0) / fill``
+centred on the box, so the object's longer side covers ``fill`` of the output.
+Parts of the square outside the image are filled with the background. Pixels
+outside the object's mask become background too, so neighbours and occluders
+do not leak into the crop (occluded objects are inpainted afterwards, in the
+workflow). The crop box is returned for the layout's initial placement.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import List, Tuple
+
+import torch
+from torch.nn import functional as F
+
+
+@dataclass
+class CropBox:
+    """Where a crop came from, in the source image's pixels.
+
+    Attributes:
+        object_box: (x0, y0, x1, y1) bounding box of the object's mask (x1, y1 exclusive).
+        crop_box: (x0, y0, x1, y1) the square that was cropped (may extend past the image).
+        image_size: (width, height) of the source image.
+    """
+
+    object_box: Tuple[int, int, int, int]
+    crop_box: Tuple[float, float, float, float]
+    image_size: Tuple[int, int]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def mask_box(mask: torch.Tensor, threshold: float = 0.5) -> Tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) bounding box of ``mask > threshold`` (exclusive max); ValueError when empty."""
+    fg = mask > threshold
+    rows = fg.any(dim=1).nonzero()
+    cols = fg.any(dim=0).nonzero()
+    if rows.numel() == 0:
+        raise ValueError("empty mask")
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def crop_objects(image: torch.Tensor, masks: torch.Tensor, size: int = 256, fill: float = 0.8,
+                 background: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor, List[CropBox]]:
+    """Crop every object of ``image`` to a centred square.
+
+    Args:
+        image: (H, W, 3) RGB in [0, 1].
+        masks: (K, H, W) one mask per object (1 = object).
+        size: side of the output crops in pixels.
+        fill: fraction of the output side covered by the object's longer side, in (0, 1].
+        background: grey level outside the object.
+
+    Returns:
+        crops (K, size, size, 3), crop masks (K, size, size) and the K :class:`CropBox` es.
+    """
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image: expected (H, W, 3) RGB, got {tuple(image.shape)}")
+    if masks.ndim != 3:
+        raise ValueError(f"masks: expected (K, H, W), got {tuple(masks.shape)}")
+    h, w = image.shape[:2]
+    if masks.shape[0] == 0:
+        raise ValueError("no objects: the mask batch is empty")
+    if masks.shape[1:] != (h, w):
+        raise ValueError(f"mask size {masks.shape[2]}x{masks.shape[1]} does not match the image size {w}x{h}")
+    if not 0 < fill <= 1:
+        raise ValueError(f"fill must be in (0, 1], got {fill}")
+    if size < 8:
+        raise ValueError(f"size must be >= 8, got {size}")
+    crops, crop_masks, boxes = [], [], []
+    for k in range(masks.shape[0]):
+        try:
+            box = mask_box(masks[k])
+        except ValueError:
+            raise ValueError(f"object {k}: its mask is empty (no pixel above 0.5); remove it or fix its "
+                             "box / segmentation") from None
+        x0, y0, x1, y1 = box
+        side = max(x1 - x0, y1 - y0) / fill
+        cx, cy = 0.5 * (x0 + x1), 0.5 * (y0 + y1)
+        square = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
+        m = masks[k].to(image.dtype).clamp(0, 1)
+        rgba = torch.cat([image * m[..., None] + background * (1 - m[..., None]), m[..., None]], -1)
+        out = _resample_square(rgba, square, size, fill_value=(background, background, background, 0.0))
+        crops.append(out[..., :3])
+        crop_masks.append(out[..., 3])
+        boxes.append(CropBox(object_box=box, crop_box=tuple(float(v) for v in square), image_size=(w, h)))
+    return torch.stack(crops), torch.stack(crop_masks), boxes
+
+
+def _resample_square(rgba: torch.Tensor, square, size: int, fill_value) -> torch.Tensor:
+    """Sample the axis-aligned ``square`` (x0, y0, x1, y1) of ``rgba`` (H, W, C) onto a size x size grid.
+
+    The image is first padded with ``fill_value`` to an integer window covering
+    the square (parts outside the image), box-filtered by the integer shrink
+    factor when the crop is reduced (so thin parts do not alias away), then
+    sampled bilinearly at the output pixel centres (sub-pixel exact centring).
+    """
+    h, w, c = rgba.shape
+    x0, y0, x1, y1 = square
+    ix0, iy0 = math.floor(x0), math.floor(y0)
+    ix1, iy1 = math.ceil(x1), math.ceil(y1)
+    canvas = torch.empty(c, iy1 - iy0, ix1 - ix0, dtype=rgba.dtype, device=rgba.device)
+    canvas[:] = torch.tensor(fill_value, dtype=rgba.dtype, device=rgba.device)[:, None, None]
+    sx0, sy0, sx1, sy1 = max(ix0, 0), max(iy0, 0), min(ix1, w), min(iy1, h)
+    canvas[:, sy0 - iy0:sy1 - iy0, sx0 - ix0:sx1 - ix0] = rgba.permute(2, 0, 1)[:, sy0:sy1, sx0:sx1]
+    src = canvas[None]
+    k = max(1, int((x1 - x0) / size))  # integer shrink factor of the box filter
+    if k > 1:
+        src = F.avg_pool2d(src, k, ceil_mode=True)
+    hp, wp = src.shape[2:]
+    centres = (torch.arange(size, device=rgba.device, dtype=rgba.dtype) + 0.5) / size
+    xs = (x0 - ix0 + centres * (x1 - x0)) / k   # in pooled-canvas pixels
+    ys = (y0 - iy0 + centres * (y1 - y0)) / k
+    grid = torch.stack(torch.meshgrid(xs / wp * 2 - 1, ys / hp * 2 - 1, indexing="xy"), -1)[None]
+    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out[0].permute(1, 2, 0)
