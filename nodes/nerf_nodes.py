@@ -84,7 +84,8 @@ class Zero123SDSNeRF(io.ComfyNode):
             description="MPOD123 stage 1: optimise a hash-grid NeRF so that its front view matches the image "
                         "(RGB + mask losses) and its novel views are likely under Stable Zero123 (score "
                         "distillation). 75% of iterations are random novel views, 25% the reference view. Long: "
-                        "on a CPU one iteration at 128^2 with 256^2 guidance takes ~10 s; the paper runs 5000 on a GPU.",
+                        "on a 2-core CPU one novel-view iteration at 128^2 with 256^2 guidance takes ~15 s "
+                        "(6 s render + 9 s Zero123); the paper runs 5000 on a GPU.",
             inputs=[
                 io.Model.Input("model", tooltip="Stable Zero123 MODEL from Image Only Checkpoint Loader."),
                 io.ClipVision.Input("clip_vision", tooltip="CLIP_VISION from the same loader."),
