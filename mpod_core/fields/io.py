@@ -22,8 +22,14 @@ from .radiance_field import RadianceField
 
 FORMAT_NAME = "mpod3d-radiance-field"
 #: Bump when the tensor layout or the meaning of a setting changes.
-FORMAT_VERSION = 1
+#: 2: optional Adam moments under ``optimizer.<parameter>.<exp_avg|exp_avg_sq|step>``.
+FORMAT_VERSION = 2
+#: Versions this code reads (version 1 files have no optimizer state).
+READABLE_VERSIONS = (1, 2)
 SETTINGS_KEY = "mpod3d_settings"
+OPTIMIZER_PREFIX = "optimizer."
+TCNN_TABLE = "encoding.tcnn.params"
+TORCH_TABLE = "encoding.table"
 
 PathLike = Union[str, os.PathLike]
 
@@ -37,7 +43,26 @@ def _state_for_file(field: RadianceField) -> dict:
         state["field.encoding.table"] = state.pop(tcnn_key).float().reshape(
             -1, field.config.hash_grid.n_features_per_level)
     state["grid.mask"] = state["grid.mask"].to(torch.uint8)  # safetensors has bool, but keep it simple
+    features = field.config.hash_grid.n_features_per_level
+    for name, moments in field.optimizer_state.items():
+        for key, value in moments.items():
+            value = value.detach().to("cpu").float().contiguous()
+            if name == TCNN_TABLE and key != "step":  # same portable layout as the table itself
+                name_out, value = TORCH_TABLE, value.reshape(-1, features)
+            else:
+                name_out = name
+            state[f"{OPTIMIZER_PREFIX}{name_out}.{key}"] = value.reshape(-1) if key == "step" else value
     return state
+
+
+def _split_optimizer_state(tensors: dict) -> dict:
+    """Pop ``optimizer.*`` tensors out of ``tensors`` into ``{param name: {key: tensor}}``."""
+    moments: dict = {}
+    for k in [k for k in tensors if k.startswith(OPTIMIZER_PREFIX)]:
+        name, key = k[len(OPTIMIZER_PREFIX):].rsplit(".", 1)
+        value = tensors.pop(k)
+        moments.setdefault(name, {})[key] = value.reshape(()) if key == "step" else value
+    return moments
 
 
 def settings_of(field: RadianceField) -> dict:
@@ -87,9 +112,9 @@ def read_settings(path: PathLike) -> dict:
     if settings.get("format") != FORMAT_NAME:
         raise ValueError(f"{path.name}: unknown format {settings.get('format')!r}")
     version = settings.get("version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ValueError(f"{path.name} was saved in radiance-field format version {version}; this version of "
-                         f"the pack reads version {FORMAT_VERSION}. Re-create the field with this version, "
+                         f"the pack reads versions {', '.join(map(str, READABLE_VERSIONS))}. Re-create the field with this version, "
                          f"or load it with the pack version that saved it.")
     return settings
 
@@ -116,10 +141,17 @@ def load_radiance_field(path: PathLike, *, backend: str = "auto", device=None) -
         for k in f.keys():
             tensors[k] = f.get_tensor(k)
     tensors["grid.mask"] = tensors["grid.mask"].bool()
+    moments = _split_optimizer_state(tensors)
     missing, unexpected = field.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path.name}: tensors do not match the settings (missing {missing}, "
                          f"unexpected {unexpected})")
+    params = dict(field.field.named_parameters())
+    for name, m in moments.items():
+        if name not in params or set(m) != {"exp_avg", "exp_avg_sq", "step"} \
+                or m["exp_avg"].shape != params[name].shape or m["exp_avg_sq"].shape != params[name].shape:
+            raise ValueError(f"{path.name}: optimizer state of {name!r} does not match the field's parameters")
+    field.optimizer_state = moments
     if backend != "torch":
         field = _rebuild_with_backend(field, backend)
     return field.to(device) if device is not None else field
@@ -133,6 +165,7 @@ def _rebuild_with_backend(field: RadianceField, backend: str) -> RadianceField:
         return field
     new = RadianceField(field.config, samples_per_ray=field.samples_per_ray,
                         grid_resolution=field.grid.resolution[0], backend=backend, meta=field.meta)
+    new.optimizer_state = {(TCNN_TABLE if k == TORCH_TABLE else k): v for k, v in field.optimizer_state.items()}
     state = field.state_dict()
     table = state.pop("field.encoding.table")
     new.load_state_dict(state, strict=False)

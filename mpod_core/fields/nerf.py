@@ -16,7 +16,7 @@ grid and is what threestudio's ``finite_difference`` normal type does.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -92,6 +92,9 @@ class NeRFField(nn.Module):
             width = self.config.mlp_width
         layers.append(nn.Linear(width, 4))
         self.mlp = nn.Sequential(*layers)
+        #: Levels of the hash grid in use (coarse-to-fine); None = all. Finer levels'
+        #: features are zeroed, so they neither contribute nor receive gradients.
+        self.active_levels: Optional[int] = None
 
     @property
     def aabb(self) -> Tuple[float, ...]:
@@ -109,6 +112,12 @@ class NeRFField(nn.Module):
         r = self.config.radius
         unit = ((points + r) / (2 * r)).clamp(0.0, 1.0)
         feats = self.encoding(unit)
+        levels = self.config.hash_grid.n_levels
+        if self.active_levels is not None and self.active_levels < levels:
+            keep = max(int(self.active_levels), 0) * self.config.hash_grid.n_features_per_level
+            mask = torch.zeros(feats.shape[1], dtype=feats.dtype, device=feats.device)
+            mask[:keep] = 1.0
+            feats = feats * mask  # level-major features: the first `keep` channels are the coarse levels
         return self.mlp(feats.to(self.mlp[0].weight.dtype))
 
     def _sigma(self, points: torch.Tensor, raw_density: torch.Tensor) -> torch.Tensor:

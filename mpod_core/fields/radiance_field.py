@@ -8,14 +8,16 @@ images in ComfyUI's channels-last layout.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..cameras import Cameras, get_rays
 from ..volume import DEFAULT_CHUNK, OccupancyGrid, opacity_from_density, render_rays
 from .nerf import NeRFField, NeRFFieldConfig
+from .shading import Shading, shade
 
 #: The camera convention every field is fitted in (documented in :mod:`mpod_core.cameras`).
 CAMERA_CONVENTION = "mpod3d-orbit-v1"
@@ -51,6 +53,10 @@ class RadianceField(nn.Module):
         self.meta: dict = dict(meta or {})
         self.meta.setdefault("camera_convention", CAMERA_CONVENTION)
         self.meta.setdefault("steps_done", 0)
+        #: Adam moments of the last optimisation, per parameter name of ``self.field``:
+        #: ``{name: {"exp_avg", "exp_avg_sq", "step"}}`` (saved with the field, so a
+        #: resume continues with its moments); empty for a fresh field.
+        self.optimizer_state: Dict[str, Dict[str, torch.Tensor]] = {}
 
     @property
     def config(self) -> NeRFFieldConfig:
@@ -75,7 +81,8 @@ class RadianceField(nn.Module):
 
     def render(self, cameras: Cameras, width: int, height: int, *, background=None,
                with_normals: bool = False, generator: Optional[torch.Generator] = None,
-               use_grid: bool = True, chunk: int = DEFAULT_CHUNK) -> Dict[str, torch.Tensor]:
+               use_grid: bool = True, chunk: int = DEFAULT_CHUNK, shading: Optional[Shading] = None,
+               jitter_seed: Optional[int] = None) -> Dict[str, torch.Tensor]:
         """Volume-render N views.
 
         Args:
@@ -83,24 +90,73 @@ class RadianceField(nn.Module):
             width, height: image size.
             background: None (black, premultiplied colour), a float, (3,) or
                 (N*H*W, 3) background composited behind the matter.
-            with_normals: also return the opacity-weighted normals.
+            with_normals: also return the opacity-weighted normals ``normal`` and
+                the per-pixel ``orientation`` term (see :meth:`render_rays`).
             generator: jitter samples inside their intervals (training).
             use_grid: skip empty space with the occupancy grid.
             chunk: rays per batch.
+            shading: how colour is shaded (:class:`~mpod_core.fields.shading.Shading`;
+                None: the albedo).
+            jitter_seed: jitter with this seed instead of drawing one from ``generator``.
 
         Returns:
             ``color`` (N, H, W, 3), ``opacity`` (N, H, W), ``depth`` (N, H, W)
             (ray distance, 0 where empty) and, with ``with_normals``, ``normal``
-            (N, H, W, 3) (premultiplied by opacity). Differentiable w.r.t. the
-            field's parameters unless called under ``no_grad``.
+            (N, H, W, 3) (premultiplied by opacity) and ``orientation`` (N, H, W).
+            Differentiable w.r.t. the field's parameters unless called under ``no_grad``.
         """
-        origins, dirs = self._rays(cameras, width, height)
-        out = render_rays(self.field, origins, dirs, self.aabb, self.step_size,
-                          self.grid if use_grid else None, background=background,
-                          normal_fn=self.field.normals if with_normals else None,
-                          generator=generator, chunk=chunk)
+        origins, dirs = self.rays(cameras, width, height)
+        out = self.render_rays(origins, dirs, background=background, with_normals=with_normals,
+                               generator=generator, use_grid=use_grid, chunk=chunk, shading=shading,
+                               jitter_seed=jitter_seed)
         n = len(cameras)
         return {k: v.reshape(n, height, width, *v.shape[1:]) for k, v in out.items()}
+
+    def rays(self, cameras: Cameras, width: int, height: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Flat rays of N views on the field's device: origins and unit directions, (N*H*W, 3) each."""
+        return self._rays(cameras, width, height)
+
+    def render_rays(self, origins: torch.Tensor, dirs: torch.Tensor, *, background=None,
+                    with_normals: bool = False, generator: Optional[torch.Generator] = None,
+                    use_grid: bool = True, chunk: int = DEFAULT_CHUNK, shading: Optional[Shading] = None,
+                    jitter_seed: Optional[int] = None, ray_offset: int = 0,
+                    count_samples: bool = False) -> Dict[str, torch.Tensor]:
+        """Volume-render flat rays (see :func:`mpod_core.volume.render_rays`).
+
+        With ``with_normals`` each sample's unit normal ``n_i`` (finite differences
+        of the density) gives the outputs ``normal = sum_i w_i n_i`` and
+        ``orientation = sum_i stop_grad(w_i) max(0, n_i . d)^2`` (DreamFusion's
+        orientation term per pixel, ``d`` the unit ray direction).
+
+        Args:
+            origins, dirs: (R, 3) rays on the field's device.
+            ray_offset: global index of ray 0 for the jitter (see ``render_rays``).
+            count_samples: also return ``samples`` (R,), the samples per ray.
+            Others: as :meth:`render`.
+
+        Returns:
+            Flat outputs: ``color`` (R, 3), ``opacity`` (R,), ``depth`` (R,), with
+            normals ``normal`` (R, 3) and ``orientation`` (R,), and ``samples`` (R,).
+        """
+        shading = shading if shading is not None else Shading()
+        need_normals = with_normals or shading.needs_normals
+        field = self.field
+
+        def field_fn(positions: torch.Tensor, ray_dirs: torch.Tensor):
+            sigma, albedo = field(positions)
+            if not need_normals:
+                return sigma, albedo
+            normals = field.normals(positions)
+            color = shade(albedo, normals, shading)
+            if not with_normals:
+                return sigma, color
+            facing_away = (normals * F.normalize(ray_dirs, dim=-1)).sum(-1).clamp_min(0.0)
+            return sigma, color, {"normal": normals, "orientation": facing_away.square()}
+
+        return render_rays(field_fn, origins, dirs, self.aabb, self.step_size, self.grid if use_grid else None,
+                           background=background, generator=generator, chunk=chunk,
+                           detached_weight_extras=("orientation",), count_samples=count_samples,
+                           jitter_seed=jitter_seed, ray_offset=ray_offset)
 
     def opacity(self, cameras: Cameras, width: int, height: int, *, use_grid: bool = True,
                 chunk: int = DEFAULT_CHUNK) -> torch.Tensor:

@@ -59,8 +59,13 @@ class SDSConfig:
 
     anneal_steps: int = 0
     """The range moves linearly from (min_step, max_step) to the annealed range
-    over optimisation steps 0..anneal_steps and stays there afterwards; 0 with an
-    annealed range given means the annealed range from step 0."""
+    over optimisation steps ``anneal_start_step..anneal_steps`` and stays there
+    afterwards; ``anneal_steps <= anneal_start_step`` with an annealed range given
+    means a jump to the annealed range at ``anneal_start_step``."""
+
+    anneal_start_step: int = 0
+    """First step of the anneal (threestudio's ``[start_iter, start, end, end_iter]``
+    schedules; stable-zero123.yaml starts at step 50 of 600)."""
 
     weighting: Weighting = "sds"
     """w(t): "sds" = 1 - abar, "uniform" = 1, "fantasia" = sqrt(abar) * (1 - abar)."""
@@ -78,9 +83,10 @@ class SDSConfig:
             lo, hi = self._end_range()
             _check_range(lo, hi, "anneal_min_step" if self.anneal_min_step is not None else "min_step",
                          "anneal_max_step" if self.anneal_max_step is not None else "max_step")
-        if not isinstance(self.anneal_steps, int) or isinstance(self.anneal_steps, bool) \
-                or self.anneal_steps < 0:
-            raise ValueError(f"anneal_steps must be an integer >= 0, got {self.anneal_steps!r}")
+        for name in ("anneal_steps", "anneal_start_step"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}; got {self.weighting!r}")
         c = self.grad_clip
@@ -115,8 +121,8 @@ def timestep_bounds(config: SDSConfig, step: int, num_train_timesteps: int) -> T
     """The inclusive integer timestep range sampled at optimisation ``step``.
 
     Fractions interpolate linearly from ``(min_step, max_step)`` to
-    ``(anneal_min_step, anneal_max_step)`` over the first ``anneal_steps`` steps,
-    then map to ``round(fraction * T)`` clamped to ``[0, T - 1]``.
+    ``(anneal_min_step, anneal_max_step)`` between steps ``anneal_start_step`` and
+    ``anneal_steps``, then map to ``round(fraction * T)`` clamped to ``[0, T - 1]``.
 
     Args:
         config: validated or not (it is validated here).
@@ -134,7 +140,13 @@ def timestep_bounds(config: SDSConfig, step: int, num_train_timesteps: int) -> T
     lo, hi = config.min_step, config.max_step
     if config.anneal_min_step is not None or config.anneal_max_step is not None:
         end_lo, end_hi = config._end_range()
-        frac = 1.0 if config.anneal_steps == 0 else min(step / config.anneal_steps, 1.0)
+        start, end = config.anneal_start_step, config.anneal_steps
+        if step < start:
+            frac = 0.0
+        elif end <= start:
+            frac = 1.0
+        else:
+            frac = min((step - start) / (end - start), 1.0)
         lo = lo + (end_lo - lo) * frac
         hi = hi + (end_hi - hi) * frac
     last = num_train_timesteps - 1

@@ -1,26 +1,41 @@
-"""MPOD123 stage 1: a NeRF fitted to one image under Zero123 score distillation.
+"""MPOD123 stage 1: a NeRF fitted to one image under Zero123 score distillation,
+run as the reference implementations run it.
 
 Each iteration renders either the reference view (probability
 ``reference_probability``, 25% in the paper) and fits it to the input image
 (RGB and mask losses), or ``batch_size`` random novel views and applies SDS
 through the guidance :class:`~mpod_core.guidance.protocol.Denoiser` (Zero123 in
-the node; any denoiser here, e.g. an oracle in the tests). Novel views are
-drawn uniformly in elevation x azimuth at the reference view's distance and
-fov. Renders are composited on a solid background (white: what Zero123 was
-trained on) and resized to ``guidance_resolution`` before the denoiser encodes
-them (Zero123 works at 256^2, the field renders at 128^2, as threestudio
-does). The occupancy grid is updated every ``grid_update_every`` iterations.
+the node; any denoiser here, e.g. an oracle in the tests). Renders are
+composited on a solid background (white: what Zero123 was trained on) and
+resized to ``guidance_resolution`` before the denoiser encodes them.
 
-Losses (threestudio's zero123 system, which Magic123 and MPOD123 build on)::
+What the references add to that loop, each a setting below with its source:
 
-    reference step:  lambda_rgb  * MSE(render_rgb, image over background)
-                   + lambda_mask * MSE(render_opacity, mask)
-    novel step:      lambda_sds  * SDS(render_rgb)
-                   + lambda_sparsity * mean(opacity)
-                   + lambda_opaque   * mean(binary entropy of opacity)
+* timesteps annealed over fractions of the run (:mod:`mpod_core.guidance.schedules`);
+* Adam with the hash grid at 10x the base learning rate (Magic123 /
+  stable-dreamfusion), its moments kept with the field for resuming;
+* regularisers (:mod:`mpod_core.fields.regularizers`): orientation, 2D normal
+  smoothness, sparsity (novel views), opacity entropy;
+* shading augmentation (:mod:`mpod_core.fields.shading`): normal-map renders
+  for the first 20% of the run, then random lambertian / textureless shading;
+* a coarse-to-fine hash grid (the finest levels off for the first 60%);
+* bounded memory at any resolution (:mod:`mpod_core.fields.backprop`).
+
+Losses (threestudio's zero123 system, whose weights these defaults take)::
+
+    reference step:  lambda_rgb * MSE(rgb, image over background) + lambda_mask * MSE(opacity, mask)
+                   + regularisers
+    novel step:      lambda_sds * SDS(render) + lambda_sparsity * mean(opacity) + regularisers
+    regularisers:    lambda_orient * orientation + lambda_normal_smooth * normal smoothness (2D)
+                   + lambda_opaque * binary entropy of the opacity
+
+Run fractions (anneal, shading phase, coarse-to-fine) are fractions of the
+iteration count the field will have at the end of the call (``steps_done`` at
+the start + ``iterations``), so a resumed run continues every schedule.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -30,77 +45,137 @@ from torch.nn import functional as F
 
 from ..cameras import orbit_cameras
 from ..fields import NeRFFieldConfig, RadianceField
+from ..fields import regularizers as reg
+from ..fields.backprop import DEFAULT_GRAD_SAMPLE_BUDGET, render_and_backprop
+from ..fields.shading import Shading
 from ..guidance.protocol import Denoiser, ViewCondition
+from ..guidance.schedules import TIMESTEP_PRESET_NAMES, TimestepSchedule, timestep_schedule
 from ..guidance.sds import SDSConfig, sds_image_loss
+from ..volume.rendering import DEFAULT_MAX_SAMPLES_PER_RAY
 
 #: ``progress(step, total, preview)``: preview is an (H, W, 3) image in [0, 1] or None.
 ProgressFn = Callable[[int, int, Optional[torch.Tensor]], None]
 
+#: Largest render and guidance sizes accepted (memory is bounded by the two-pass
+#: backward whatever the render size; the guidance's encoder holds its graph for
+#: the whole batch: ``batch_size * guidance_resolution^2`` is capped too).
+MAX_RESOLUTION = 2048
+MAX_GUIDANCE_PIXELS = 4 * 256 * 256
+MAX_SAMPLES_PER_RAY = DEFAULT_MAX_SAMPLES_PER_RAY
+
 
 def zero123_sds_config() -> SDSConfig:
-    """SDS settings used with Zero123: guidance 3, t in [0.4, 0.85] annealed to
-    [0.2, 0.5] over the first 200 iterations (REFERENCE.md)."""
-    return SDSConfig(guidance_scale=3.0, min_step=0.4, max_step=0.85, anneal_min_step=0.2,
-                     anneal_max_step=0.5, anneal_steps=200)
+    """SDS settings used with Stable Zero123: guidance 3 (threestudio configs/stable-zero123.yaml
+    ``guidance_scale``); the timestep range comes from ``Stage1Config.timestep_preset``."""
+    return SDSConfig(guidance_scale=3.0)
 
 
 @dataclass
 class Stage1Config:
-    """Settings of :func:`fit_stage1` (defaults: the MPOD123 paper, section 4.2)."""
+    """Settings of :func:`fit_stage1`; each default names its source."""
 
     iterations: int = 5000
-    """Iterations to run (on top of those a resumed field already has)."""
+    """Iterations to run (on top of those a resumed field already has). MPOD123 sec. 4.2: 5000."""
     resolution: int = 128
-    """Render resolution (square) for every view."""
+    """Render resolution (square) of every view. MPOD123 sec. 4.2: 128."""
     guidance_resolution: Optional[int] = 256
-    """Renders are resized to this before the denoiser encodes them (None: as rendered)."""
+    """Renders are resized to this before the denoiser encodes them (None: as rendered).
+    Zero123 was trained at 256 (threestudio's zero123 guidance resizes to 256)."""
     learning_rate: float = 1e-3
-    """Adam learning rate (all parameters)."""
+    """Adam base rate, used by the MLP. MPOD123 sec. 4.2 and Magic123/stable-dreamfusion ``--lr``: 1e-3."""
+    encoding_lr_scale: float = 10.0
+    """The hash-grid encoding learns at ``learning_rate`` x this (Magic123 / stable-dreamfusion
+    ``get_params``: encoder at 10x the base rate)."""
     batch_size: int = 1
-    """Novel views per SDS iteration."""
+    """Novel views per SDS iteration (views per step; threestudio stable-zero123.yaml uses 12 -> 4
+    on a GPU)."""
     reference_probability: float = 0.25
-    """Probability that an iteration fits the reference view instead of a novel view."""
+    """Probability that an iteration fits the reference view instead of novel views (Magic123 /
+    stable-dreamfusion: every 4th step)."""
     elevation_range: Tuple[float, float] = (-45.0, 45.0)
-    """Novel-view elevations (degrees), drawn uniformly."""
+    """Novel-view elevations (degrees), drawn uniformly (Magic123: +-45)."""
     azimuth_range: Tuple[float, float] = (-180.0, 180.0)
     """Novel-view azimuths (degrees), drawn uniformly."""
     reference_elevation: float = 0.0
-    """Elevation of the reference view (the paper assumes a frontal image: 0)."""
+    """Elevation of the reference view, degrees (MPOD123 assumes a frontal image: 0; a photo taken
+    from above has a positive one). Zero123's relative cameras and the reference view follow it."""
     reference_azimuth: float = 0.0
     """Azimuth of the reference view (0)."""
     distance: float = 2.5
-    """Camera distance of every view."""
+    """Camera distance of every view (MPOD123 / Magic123: 2.5)."""
     fov: float = 40.0
-    """Vertical field of view of every view, degrees."""
+    """Vertical field of view of every view, degrees (MPOD123 / Magic123: 40)."""
     sds: SDSConfig = field(default_factory=zero123_sds_config)
-    """Score distillation settings."""
+    """Score distillation settings (guidance scale, weighting); the timestep range comes from
+    the schedule below."""
+    timestep_preset: str = "stable-zero123"
+    """Timestep schedule (:data:`~mpod_core.guidance.schedules.TIMESTEP_PRESETS`, or "custom")."""
+    custom_timesteps: TimestepSchedule = field(default_factory=lambda: TimestepSchedule(0.02, 0.98))
+    """The schedule used when ``timestep_preset == "custom"``."""
     lambda_sds: float = 0.1
+    """SDS weight (threestudio stable-zero123.yaml ``lambda_sds``)."""
     lambda_rgb: float = 500.0
+    """Reference RGB weight (threestudio stable-zero123.yaml ``lambda_rgb``: 500 -> 1000)."""
     lambda_mask: float = 50.0
-    lambda_sparsity: float = 0.0
-    lambda_opaque: float = 0.0
+    """Reference mask weight (threestudio stable-zero123.yaml ``lambda_mask``)."""
+    lambda_orient: float = 1.0
+    """Orientation (DreamFusion) weight (threestudio stable-zero123.yaml ``lambda_orient``)."""
+    lambda_normal_smooth: float = 5.0
+    """2D normal-smoothness weight (threestudio stable-zero123.yaml ``lambda_normal_smooth``,
+    a 7 -> 5 -> 10 schedule there, held at 5 here)."""
+    lambda_sparsity: float = 0.5
+    """Mean-opacity weight on novel views (threestudio stable-zero123.yaml ``lambda_sparsity``)."""
+    lambda_opaque: float = 0.5
+    """Opacity binary-entropy weight (threestudio stable-zero123.yaml ``lambda_opaque``)."""
+    shading_augmentation: bool = True
+    """Magic123 / stable-dreamfusion shading: normal maps for the first ``normal_shading_fraction``
+    of the run, then random lambertian or textureless shading; False: albedo only (threestudio)."""
+    normal_shading_fraction: float = 0.2
+    """Share of the run rendered as normal maps (Magic123 ``--latent_iter_ratio 0.2``)."""
+    min_ambient: float = 0.1
+    """Ambient share drawn uniformly in [min_ambient, 1] (stable-dreamfusion ``--min_ambient_ratio``)."""
+    textureless_probability: float = 0.2
+    """Probability of textureless shading after the normal phase (stable-dreamfusion
+    ``--textureless_ratio``)."""
+    coarse_levels: int = 8
+    """Hash-grid levels in use during the coarse phase; 0 = all levels from the start
+    (Magic123: 8 of 16)."""
+    coarse_fraction: float = 0.6
+    """Share of the run with only ``coarse_levels`` levels (Magic123: 3000 of 5000 iterations)."""
     background: float = 1.0
     """Grey level of the background composited behind renders and the reference image."""
     grid_update_every: int = 16
-    """Occupancy-grid update interval (iterations)."""
+    """Occupancy-grid update interval (iterations; nerfacc / threestudio: 16)."""
+    grad_sample_budget: int = DEFAULT_GRAD_SAMPLE_BUDGET
+    """Samples held in one autograd graph at most (bounds memory at any resolution)."""
     seed: int = 0
-    """Seed of view sampling, ray jitter, timesteps and noise."""
+    """Seed of view sampling, ray jitter, shading, timesteps and noise."""
     preview_every: int = 10
     """Send a preview to ``progress`` every this many iterations (and at the last)."""
 
+    LAMBDAS = ("lambda_sds", "lambda_rgb", "lambda_mask", "lambda_orient", "lambda_normal_smooth",
+               "lambda_sparsity", "lambda_opaque")
+
     def validate(self) -> None:
-        """Raise ValueError naming the first bad setting."""
+        """Raise ValueError naming the first bad setting (and the limit, for sizes)."""
         if self.iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
-        if not 8 <= self.resolution <= 2048:
-            raise ValueError(f"resolution must be in [8, 2048], got {self.resolution}")
+        if not 8 <= self.resolution <= MAX_RESOLUTION:
+            raise ValueError(f"resolution must be in [8, {MAX_RESOLUTION}], got {self.resolution}")
         g = self.guidance_resolution
         if g is not None and (g < 8 or g % 8):
             raise ValueError(f"guidance_resolution must be a multiple of 8 (>= 8), got {g}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        pixels = self.batch_size * (g if g is not None else self.resolution) ** 2
+        if pixels > MAX_GUIDANCE_PIXELS:
+            raise ValueError(f"batch_size x guidance_resolution^2 = {pixels} exceeds {MAX_GUIDANCE_PIXELS} "
+                             f"(4 views at 256^2): the VAE encoder's backward holds the whole batch in memory; "
+                             f"lower batch_size or guidance_resolution")
+        for name in ("learning_rate", "encoding_lr_scale"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be > 0, got {v}")
         if not 0.0 <= self.reference_probability <= 1.0:
             raise ValueError(f"reference_probability must be in [0, 1], got {self.reference_probability}")
         for name in ("elevation_range", "azimuth_range"):
@@ -110,17 +185,36 @@ class Stage1Config:
         lo, hi = self.elevation_range
         if lo < -89.0 or hi > 89.0:
             raise ValueError(f"elevation_range must lie within [-89, 89] degrees, got ({lo}, {hi})")
+        if not -89.0 <= self.reference_elevation <= 89.0:
+            raise ValueError(f"reference_elevation must be in [-89, 89] degrees, got {self.reference_elevation}")
         if not self.distance > 0 or not 0 < self.fov < 180:
             raise ValueError(f"distance must be > 0 and fov in (0, 180), got {self.distance}, {self.fov}")
-        for name in ("lambda_sds", "lambda_rgb", "lambda_mask", "lambda_sparsity", "lambda_opaque"):
+        for name in self.LAMBDAS:
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v}")
-        if not 0.0 <= self.background <= 1.0:
-            raise ValueError(f"background must be in [0, 1], got {self.background}")
-        if self.grid_update_every < 1 or self.preview_every < 1:
-            raise ValueError("grid_update_every and preview_every must be >= 1")
+        for name in ("normal_shading_fraction", "min_ambient", "textureless_probability", "coarse_fraction",
+                     "background"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {v}")
+        if self.coarse_levels < 0:
+            raise ValueError(f"coarse_levels must be >= 0 (0 = all levels), got {self.coarse_levels}")
+        if self.grid_update_every < 1 or self.preview_every < 1 or self.grad_sample_budget < 1:
+            raise ValueError("grid_update_every, preview_every and grad_sample_budget must be >= 1")
+        if self.timestep_preset not in TIMESTEP_PRESET_NAMES:
+            raise ValueError(f"timestep_preset must be one of {', '.join(TIMESTEP_PRESET_NAMES)}; "
+                             f"got {self.timestep_preset!r}")
+        self.schedule().validate()
         self.sds.validate()
+
+    def schedule(self) -> TimestepSchedule:
+        """The timestep schedule in force (the preset's, or ``custom_timesteps``)."""
+        return timestep_schedule(self.timestep_preset, self.custom_timesteps)
+
+    def sds_for_run(self, run_length: int) -> SDSConfig:
+        """``sds`` with the schedule's timesteps for a run ending at ``run_length`` iterations."""
+        return self.schedule().sds_config(self.sds, run_length)
 
 
 @dataclass
@@ -128,7 +222,8 @@ class Stage1Result:
     """What :func:`fit_stage1` returns."""
 
     field: RadianceField
-    """The fitted field (its ``meta['steps_done']`` counts all iterations so far)."""
+    """The fitted field (its ``meta['steps_done']`` counts all iterations so far, its
+    ``optimizer_state`` holds Adam's moments)."""
     history: Dict[str, List[Tuple[int, float]]]
     """Per loss term, (iteration, value) pairs."""
 
@@ -173,13 +268,91 @@ def prepare_reference(image: torch.Tensor, mask: torch.Tensor, resolution: int,
     return both[..., :3].contiguous(), both[..., 3].contiguous()
 
 
-def _binary_entropy(p: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    p = p.clamp(eps, 1 - eps)
-    return -(p * p.log() + (1 - p) * (1 - p).log())
-
-
 def _uniform(generator: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
+
+
+def stage1_optimizer(field: RadianceField, config: Stage1Config) -> torch.optim.Adam:
+    """Adam over the field with two parameter groups, restoring saved moments.
+
+    Groups: ``encoding`` (the hash grid) at ``learning_rate * encoding_lr_scale`` and
+    ``mlp`` (everything else) at ``learning_rate``; betas (0.9, 0.99), eps 1e-15
+    (stable-dreamfusion / Instant-NGP). Moments in ``field.optimizer_state`` whose
+    shapes match are loaded, so a resumed run continues with them.
+    """
+    named = list(field.field.named_parameters())
+    enc = [p for n, p in named if n.startswith("encoding.")]
+    rest = [p for n, p in named if not n.startswith("encoding.")]
+    optimiser = torch.optim.Adam(
+        [{"params": enc, "lr": config.learning_rate * config.encoding_lr_scale, "name": "encoding"},
+         {"params": rest, "lr": config.learning_rate, "name": "mlp"}],
+        betas=(0.9, 0.99), eps=1e-15)
+    for name, p in named:
+        saved = field.optimizer_state.get(name)
+        if saved is None or saved["exp_avg"].numel() != p.numel():
+            continue
+        optimiser.state[p] = {
+            "step": saved["step"].detach().float().reshape(()).cpu().clone(),
+            "exp_avg": saved["exp_avg"].detach().to(p).reshape(p.shape).clone(),
+            "exp_avg_sq": saved["exp_avg_sq"].detach().to(p).reshape(p.shape).clone(),
+        }
+    return optimiser
+
+
+def optimizer_moments(field: RadianceField, optimiser: torch.optim.Optimizer) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Adam's state per parameter name of ``field.field`` (detached CPU copies)."""
+    moments = {}
+    for name, p in field.field.named_parameters():
+        st = optimiser.state.get(p)
+        if st and "exp_avg" in st:
+            moments[name] = {k: torch.as_tensor(st[k]).detach().to("cpu").clone()
+                             for k in ("exp_avg", "exp_avg_sq", "step")}
+    return moments
+
+
+def draw_shading(config: Stage1Config, run_fraction: float, camera_center: torch.Tensor,
+                 generator: torch.Generator) -> Shading:
+    """The shading of one novel view (stable-dreamfusion / Magic123's augmentation).
+
+    Normal maps while ``run_fraction < normal_shading_fraction``; then textureless
+    with probability ``textureless_probability``, else lambertian, with ambient
+    uniform in ``[min_ambient, 1]`` and the light at the camera plus unit Gaussian
+    noise (stable-dreamfusion's ``light_d = normalize(rays_o + randn(3))``).
+    Without ``shading_augmentation``: albedo.
+    """
+    if not config.shading_augmentation:
+        return Shading()
+    if run_fraction < config.normal_shading_fraction:
+        return Shading("normal")
+    u = torch.rand(2, generator=generator, dtype=torch.float64)
+    light = F.normalize(camera_center.detach().double().cpu() + torch.randn(3, generator=generator,
+                                                                          dtype=torch.float64), dim=0)
+    ambient = config.min_ambient + (1.0 - config.min_ambient) * float(u[0])
+    mode = "textureless" if float(u[1]) < config.textureless_probability else "lambertian"
+    return Shading(mode, light.float(), ambient)
+
+
+def regularization(out: Dict[str, torch.Tensor], config: Stage1Config, novel: bool
+                   ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """The weighted regularisers of one step and their unweighted values.
+
+    Orientation, 2D normal smoothness and opacity entropy on every step (threestudio's
+    zero123 system); sparsity on novel views only.
+    """
+    terms: Dict[str, torch.Tensor] = {}
+    opacity = out["opacity"]
+    if config.lambda_orient > 0:
+        terms["orient"] = reg.orientation_loss(out["orientation"], opacity)
+    if config.lambda_normal_smooth > 0:
+        terms["normal_smooth"] = reg.normal_smoothness_2d(reg.normal_map(out["normal"], opacity))
+    if novel and config.lambda_sparsity > 0:
+        terms["sparsity"] = reg.sparsity_loss(opacity)
+    if config.lambda_opaque > 0:
+        terms["opaque"] = reg.opacity_entropy(opacity)
+    total = opacity.new_zeros(())
+    for name, value in terms.items():
+        total = total + getattr(config, f"lambda_{name}") * value
+    return total, terms
 
 
 def fit_stage1(image: torch.Tensor, mask: torch.Tensor, denoiser: Denoiser, config: Stage1Config, *,
@@ -193,12 +366,13 @@ def fit_stage1(image: torch.Tensor, mask: torch.Tensor, denoiser: Denoiser, conf
         denoiser: guidance (view-conditioned; receives each novel view's camera
             as a :class:`ViewCondition`).
         config: :class:`Stage1Config`.
-        field: a field to continue optimising (resume); None: a fresh one.
+        field: a field to continue optimising (resume: its iteration count, occupancy
+            grid and Adam moments continue); None: a fresh one.
         field_config: settings of a fresh field (ignored when ``field`` is given).
         backend: hash-grid backend of a fresh field.
         device: where to optimise (default: the field's device, else CPU).
         progress: called after every iteration; may raise to stop (interrupt).
-            The field is left in a consistent state whenever it raises.
+            The field (with its Adam moments) is left consistent whenever it raises.
 
     Returns:
         :class:`Stage1Result`.
@@ -206,71 +380,89 @@ def fit_stage1(image: torch.Tensor, mask: torch.Tensor, denoiser: Denoiser, conf
     config.validate()
     if field is None:
         field = RadianceField(field_config, backend=backend)
-        if device is not None:
-            field = field.to(device)
-    elif device is not None:
+    if device is not None:
         field = field.to(device)
     dev = field.device
     ref_rgb, ref_mask = prepare_reference(image.to(dev, torch.float32), mask.to(dev, torch.float32),
                                           config.resolution, config.background)
     start = int(field.meta.get("steps_done", 0))
+    total = start + config.iterations
+    sds_config = config.sds_for_run(total)
     field.meta.update(reference_view={"elevation": config.reference_elevation,
                                       "azimuth": config.reference_azimuth,
                                       "distance": config.distance, "fov": config.fov})
     views_gen = torch.Generator().manual_seed(int(config.seed) + start)
     noise_gen = torch.Generator(device=dev).manual_seed(int(config.seed) + start + 1)
-    optimiser = torch.optim.Adam(field.field.parameters(), lr=config.learning_rate, betas=(0.9, 0.99),
-                                 eps=1e-15)
+    rays_gen = torch.Generator().manual_seed(int(config.seed) + start + 2)
+    optimiser = stage1_optimizer(field, config)
     res = config.resolution
     ref_cam = orbit_cameras(config.reference_elevation, config.reference_azimuth, config.distance, config.fov)
+    with_normals = config.lambda_orient > 0 or config.lambda_normal_smooth > 0
     history: Dict[str, List[Tuple[int, float]]] = {}
+    coarse_until = config.coarse_fraction * total if config.coarse_levels > 0 else 0.0
 
-    def log(name: str, step: int, value: torch.Tensor) -> None:
-        history.setdefault(name, []).append((step, float(value.detach())))
-
-    for i in range(config.iterations):
-        step = start + i
-        if step % config.grid_update_every == 0:
-            field.update_grid(step)
-        optimiser.zero_grad(set_to_none=True)
-        reference_step = float(torch.rand(1, generator=views_gen)) < config.reference_probability
-        if reference_step:
-            out = field.render(ref_cam, res, res, background=config.background, generator=noise_gen)
-            loss_rgb = F.mse_loss(out["color"][0], ref_rgb)
-            loss_mask = F.mse_loss(out["opacity"][0], ref_mask)
-            loss = config.lambda_rgb * loss_rgb + config.lambda_mask * loss_mask
-            log("rgb", step, loss_rgb)
-            log("mask", step, loss_mask)
-        else:
-            b = config.batch_size
-            elev = _uniform(views_gen, b, *config.elevation_range)
-            azim = _uniform(views_gen, b, *config.azimuth_range)
-            cams = orbit_cameras(elev, azim, config.distance, config.fov)
-            out = field.render(cams, res, res, background=config.background, generator=noise_gen)
-            images = out["color"].permute(0, 3, 1, 2)
-            g = config.guidance_resolution
-            if g is not None and g != res:
-                images = F.interpolate(images, size=(g, g), mode="bilinear", align_corners=False)
-            dist = torch.full((b,), float(config.distance), dtype=torch.float64)
-            views = ViewCondition(elevation=elev, azimuth=azim, distance=dist)
-            sds = sds_image_loss(images, denoiser, config.sds, step, views, noise_gen)
-            opacity = out["opacity"]
-            loss = (config.lambda_sds * sds.loss + config.lambda_sparsity * opacity.mean()
-                    + config.lambda_opaque * _binary_entropy(opacity).mean())
-            log("sds", step, sds.loss)
+    def check_finite(loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
             raise FloatingPointError(f"stage 1: the loss became {float(loss)} at iteration {step}; lower the "
                                      "learning rate or the loss weights")
-        loss.backward()
-        optimiser.step()
-        field.meta["steps_done"] = step + 1
-        if progress is not None:
-            last = i + 1 == config.iterations
-            preview = None
-            if last or (i + 1) % config.preview_every == 0:
-                preview = out["color"][0].detach().clamp(0, 1)
-            progress(i + 1, config.iterations, preview)
+
+    def reference_loss(out):
+        loss_rgb = F.mse_loss(out["color"][0], ref_rgb)
+        loss_mask = F.mse_loss(out["opacity"][0], ref_mask)
+        regs, terms = regularization(out, config, novel=False)
+        return (config.lambda_rgb * loss_rgb + config.lambda_mask * loss_mask + regs,
+                {"rgb": loss_rgb, "mask": loss_mask, **terms})
+
+    def novel_loss(out):
+        images = out["color"].permute(0, 3, 1, 2)
+        g = config.guidance_resolution
+        if g is not None and g != res:
+            images = F.interpolate(images, size=(g, g), mode="bilinear", align_corners=False)
+        sds = sds_image_loss(images, denoiser, sds_config, step, views, noise_gen)
+        regs, terms = regularization(out, config, novel=True)
+        return config.lambda_sds * sds.loss + regs, {"sds": sds.loss, **terms}
+
+    try:
+        for i in range(config.iterations):
+            step = start + i
+            field.field.active_levels = config.coarse_levels if step < coarse_until else None
+            if step % config.grid_update_every == 0:
+                field.update_grid(step)
+            optimiser.zero_grad(set_to_none=True)
+            if float(torch.rand(1, generator=views_gen)) < config.reference_probability:
+                cams, shadings, loss_fn = ref_cam, None, reference_loss
+            else:
+                b = config.batch_size
+                elev = _uniform(views_gen, b, *config.elevation_range)
+                azim = _uniform(views_gen, b, *config.azimuth_range)
+                cams = orbit_cameras(elev, azim, config.distance, config.fov)
+                views = ViewCondition(elevation=elev, azimuth=azim,
+                                      distance=torch.full((b,), float(config.distance), dtype=torch.float64))
+                shadings = [draw_shading(config, step / total, cams.centers[k], views_gen) for k in range(b)]
+                loss_fn = novel_loss
+            _, terms, out = render_and_backprop(
+                field, cams, res, res, lambda o: _with_float_terms(loss_fn(o)), shadings=shadings,
+                background=config.background, with_normals=with_normals, generator=rays_gen,
+                grad_sample_budget=config.grad_sample_budget, check_finite=check_finite)
+            for name, value in terms.items():
+                history.setdefault(name, []).append((step, value))
+            optimiser.step()
+            field.meta["steps_done"] = step + 1
+            if progress is not None:
+                last = i + 1 == config.iterations
+                preview = None
+                if last or (i + 1) % config.preview_every == 0:
+                    preview = out["color"][0].clamp(0, 1)
+                progress(i + 1, config.iterations, preview)
+    finally:
+        field.field.active_levels = None
+        field.optimizer_state = optimizer_moments(field, optimiser)
     return Stage1Result(field=field, history=history)
+
+
+def _with_float_terms(result):
+    loss, terms = result
+    return loss, {k: float(v.detach()) for k, v in terms.items()}
 
 
 def turntable_cameras(frames: int, elevation: float = 0.0, distance: float = 2.5, fov: float = 40.0,

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -110,10 +110,44 @@ def ray_aabb(origins: torch.Tensor, dirs: torch.Tensor, aabb) -> Tuple[torch.Ten
         return torch.where(hit, t_near, zero), torch.where(hit, t_far, zero), hit
 
 
+def jitter_seed_from(generator: Optional[torch.Generator]) -> Optional[int]:
+    """One 62-bit seed for :func:`hashed_uniform` drawn from ``generator`` (None: None)."""
+    if generator is None:
+        return None
+    return int(torch.randint(0, 1 << 62, (1,), generator=generator, device=generator.device))
+
+
+def hashed_uniform(seed: int, ray_ids: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
+    """Uniform numbers in [0, 1) that depend only on (seed, ray, sample index).
+
+    A counter-based generator (SplitMix64's finaliser on the int64 counter
+    ``seed + ray * 0x9E3779B1 + sample * 0x85EBCA77``, with logical shifts done
+    by masks since torch shifts int64 arithmetically), so a ray gets the same
+    jitter whatever chunk or call it is rendered in: a re-render of any subset
+    of rays reproduces the samples of a full render exactly (the two-pass
+    backward of :mod:`mpod_core.fields.backprop` relies on it).
+
+    Args:
+        seed: any int (e.g. from :func:`jitter_seed_from`).
+        ray_ids, sample_ids: int64 tensors of one shape.
+
+    Returns:
+        float32 tensor of that shape, 24-bit resolution.
+    """
+    x = ray_ids.to(torch.int64) * 0x9E3779B1 + sample_ids.to(torch.int64) * 0x85EBCA77 + (int(seed) & ((1 << 62) - 1))
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * -4658895280553007687  # 0xBF58476D1CE4E5B9 as int64
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * -7723592293110705685  # 0x94D049BB133111EB as int64
+    x = x ^ ((x >> 31) & ((1 << 33) - 1))
+    return ((x >> 40) & 0xFFFFFF).to(torch.float32) * (1.0 / (1 << 24))
+
+
 def sample_along_rays(origins: torch.Tensor, dirs: torch.Tensor, t_near: torch.Tensor, t_far: torch.Tensor,
                       step_size: float, grid=None, *, generator: Optional[torch.Generator] = None,
                       max_samples_per_ray: int = DEFAULT_MAX_SAMPLES_PER_RAY,
-                      chunk: int = DEFAULT_CHUNK) -> RaySamples:
+                      chunk: int = DEFAULT_CHUNK, jitter_seed: Optional[int] = None,
+                      ray_offset: int = 0) -> RaySamples:
     """Uniform ray marching with optional empty-space skipping.
 
     Ray r gets the intervals ``[t_near + k h, min(t_near + (k + 1) h, t_far)]``
@@ -132,7 +166,11 @@ def sample_along_rays(origins: torch.Tensor, dirs: torch.Tensor, t_near: torch.T
         t_near, t_far: (R,) marching range; rays with ``t_far <= t_near`` get no samples.
         step_size: interval length h > 0 (in units of ``|dirs|``).
         grid: optional occupancy grid with an ``occupied(points (N, 3)) -> (N,) bool`` method.
-        generator: jitter positions inside the intervals (None = midpoints).
+        generator: jitter positions inside the intervals (None = midpoints): one
+            seed is drawn from it for :func:`hashed_uniform`.
+        jitter_seed: jitter with this seed instead (overrides ``generator``).
+        ray_offset: global index of ray 0 of this call in the jitter's counter
+            (a subset of the rays of a render reproduces their samples).
         max_samples_per_ray: ValueError when a ray would need more samples.
         chunk: rays per batch (> 0).
 
@@ -149,6 +187,8 @@ def sample_along_rays(origins: torch.Tensor, dirs: torch.Tensor, t_near: torch.T
     if chunk <= 0:
         raise ValueError(f"chunk must be > 0, got {chunk}")
     device, dtype = origins.device, origins.dtype
+    if jitter_seed is None:
+        jitter_seed = jitter_seed_from(generator)
     with torch.no_grad():
         counts = torch.ceil((t_far - t_near) / step_size).clamp_min(0).long()
         # A ray whose range is a float-rounding hair above a multiple of h would get a
@@ -172,8 +212,8 @@ def sample_along_rays(origins: torch.Tensor, dirs: torch.Tensor, t_near: torch.T
             valid = torch.arange(kmax, device=device)[None, :] < c[:, None]
             rows, cols = valid.nonzero(as_tuple=True)
             ts, te = starts[rows, cols], ends[rows, cols]
-            if generator is not None:
-                u = torch.rand(ts.shape, generator=generator, device=generator.device).to(device, dtype)
+            if jitter_seed is not None:
+                u = hashed_uniform(jitter_seed, rows + (lo + ray_offset), cols).to(device, dtype)
             else:
                 u = torch.full_like(ts, 0.5)
             tm = ts + u * (te - ts)
@@ -259,7 +299,9 @@ def render_rays(field_fn: FieldFn, origins: torch.Tensor, dirs: torch.Tensor, aa
                 grid=None, *, background: Union[None, float, torch.Tensor] = None,
                 normal_fn: Optional[DensityFn] = None, generator: Optional[torch.Generator] = None,
                 chunk: int = DEFAULT_CHUNK, max_samples_per_ray: int = DEFAULT_MAX_SAMPLES_PER_RAY,
-                eps: float = 1e-10) -> Dict[str, torch.Tensor]:
+                eps: float = 1e-10, detached_weight_extras: Sequence[str] = (),
+                count_samples: bool = False, jitter_seed: Optional[int] = None,
+                ray_offset: int = 0) -> Dict[str, torch.Tensor]:
     """Volume-render rays through a radiance field inside ``aabb``.
 
     Rays are processed ``chunk`` at a time (sampling, field evaluation and
@@ -267,8 +309,11 @@ def render_rays(field_fn: FieldFn, origins: torch.Tensor, dirs: torch.Tensor, aa
     samples at any image resolution; gradients flow to the field's outputs.
 
     Args:
-        field_fn: ``(positions (S, 3), dirs (S, 3)) -> (sigma (S,), rgb (S, 3))``;
-            ``dirs`` are the rays' directions as given.
+        field_fn: ``(positions (S, 3), dirs (S, 3)) -> (sigma (S,), rgb (S, 3))``,
+            or ``-> (sigma, rgb, extras)`` with ``extras`` a dict of per-sample
+            values ``(S,)`` or ``(S, C)`` that are accumulated like the colour
+            (``sum_i w_i v_i``) into outputs of the same names (``(R,)`` or
+            ``(R, C)``); ``dirs`` are the rays' directions as given.
         origins, dirs: (R, 3) rays (``t`` and ``step_size`` are in units of ``|dirs|``).
         aabb: (6,) box outside which density is taken as 0.
         step_size: marching step (see :func:`sample_along_rays`).
@@ -281,26 +326,40 @@ def render_rays(field_fn: FieldFn, origins: torch.Tensor, dirs: torch.Tensor, aa
         generator: jitter sample positions (training); None = midpoints.
         chunk: rays per batch.
         max_samples_per_ray: see :func:`sample_along_rays`.
+        jitter_seed, ray_offset: see :func:`sample_along_rays` (a ray's samples
+            depend only on the seed and its global index ``ray_offset + r``).
         eps: floor of the opacity in the depth division.
+        detached_weight_extras: names of extras accumulated with the weights
+            detached (``sum_i stop_grad(w_i) v_i``: gradients reach only the
+            values, as DreamFusion's orientation loss wants).
+        count_samples: also return ``samples`` (R,) long, the samples each ray
+            evaluated (to size later passes over the same rays by memory).
 
     Returns:
         dict with ``color`` (R, 3), ``opacity`` (R,) ``sum_i w_i``, ``depth``
         (R,) ``sum_i w_i t_mid_i / max(opacity, eps)`` (expected ray distance of
-        the visible matter, 0 for empty rays), and ``normal`` (R, 3) when
-        ``normal_fn`` is given.
+        the visible matter, 0 for empty rays), ``normal`` (R, 3) when
+        ``normal_fn`` is given, and the accumulated extras.
     """
     _check_rays(origins, dirs)
     n = origins.shape[0]
     t_near, t_far, _ = ray_aabb(origins, dirs, aabb)
+    if jitter_seed is None:
+        jitter_seed = jitter_seed_from(generator)
     out = {"color": [], "opacity": [], "depth": []}
     if normal_fn is not None:
         out["normal"] = []
+    counts = []
+    extras_out: Dict[str, Dict[int, torch.Tensor]] = {}  # name -> {chunk start: (m,) or (m, C)}
     for lo in range(0, n, chunk):
         hi = min(lo + chunk, n)
         o, d = origins[lo:hi], dirs[lo:hi]
-        smp = sample_along_rays(o, d, t_near[lo:hi], t_far[lo:hi], step_size, grid, generator=generator,
-                                max_samples_per_ray=max_samples_per_ray, chunk=hi - lo)
+        smp = sample_along_rays(o, d, t_near[lo:hi], t_far[lo:hi], step_size, grid, jitter_seed=jitter_seed,
+                                ray_offset=ray_offset + lo, max_samples_per_ray=max_samples_per_ray,
+                                chunk=hi - lo)
         m = hi - lo
+        if count_samples:
+            counts.append(torch.bincount(smp.ray_indices, minlength=m))
         if len(smp) == 0:
             z = origins.new_zeros(m)
             out["color"].append(origins.new_zeros(m, 3))
@@ -309,7 +368,9 @@ def render_rays(field_fn: FieldFn, origins: torch.Tensor, dirs: torch.Tensor, aa
             if normal_fn is not None:
                 out["normal"].append(origins.new_zeros(m, 3))
             continue
-        sigma, rgb = field_fn(smp.positions, d[smp.ray_indices])
+        result = field_fn(smp.positions, d[smp.ray_indices])
+        sigma, rgb = result[0], result[1]
+        extras = result[2] if len(result) > 2 else {}
         if sigma.shape != (len(smp),) or rgb.shape != (len(smp), 3):
             raise ValueError(f"field_fn must return sigma ({len(smp)},) and rgb ({len(smp)}, 3), "
                              f"got {tuple(sigma.shape)} and {tuple(rgb.shape)}")
@@ -321,8 +382,22 @@ def render_rays(field_fn: FieldFn, origins: torch.Tensor, dirs: torch.Tensor, aa
         out["depth"].append(accumulate(w * t_mid, None, smp.ray_indices, m) / opacity.clamp_min(eps))
         if normal_fn is not None:
             out["normal"].append(accumulate(w, normal_fn(smp.positions), smp.ray_indices, m))
+        for name, value in extras.items():
+            if value.shape[0] != len(smp) or value.dim() not in (1, 2):
+                raise ValueError(f"field_fn extra {name!r}: expected ({len(smp)},) or ({len(smp)}, C), "
+                                 f"got {tuple(value.shape)}")
+            wk = w.detach() if name in detached_weight_extras else w
+            acc = accumulate(wk * value, None, smp.ray_indices, m) if value.dim() == 1 \
+                else accumulate(wk, value, smp.ray_indices, m)
+            extras_out.setdefault(name, {})[lo] = acc
+    for name, parts in extras_out.items():  # chunks without samples (or before the first) get zeros
+        shape = next(iter(parts.values())).shape[1:]
+        out[name] = [parts[lo] if lo in parts else origins.new_zeros((min(chunk, n - lo),) + tuple(shape))
+                     for lo in range(0, n, chunk)]
     res = {k: torch.cat(v) if v else origins.new_zeros((0, 3) if k in ("color", "normal") else (0,))
            for k, v in out.items()}
+    if count_samples:
+        res["samples"] = torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long, device=origins.device)
     if background is not None:
         bg = torch.as_tensor(background, dtype=res["color"].dtype, device=res["color"].device)
         res["color"] = res["color"] + (1.0 - res["opacity"])[:, None] * bg
@@ -349,11 +424,13 @@ def opacity_from_density(density_fn: DensityFn, origins: torch.Tensor, dirs: tor
     _check_rays(origins, dirs)
     n = origins.shape[0]
     t_near, t_far, _ = ray_aabb(origins, dirs, aabb)
+    seed = jitter_seed_from(generator)
     parts = []
     for lo in range(0, n, chunk):
         hi = min(lo + chunk, n)
         smp = sample_along_rays(origins[lo:hi], dirs[lo:hi], t_near[lo:hi], t_far[lo:hi], step_size, grid,
-                                generator=generator, max_samples_per_ray=max_samples_per_ray, chunk=hi - lo)
+                                jitter_seed=seed, ray_offset=lo, max_samples_per_ray=max_samples_per_ray,
+                                chunk=hi - lo)
         if len(smp) == 0:
             parts.append(origins.new_zeros(hi - lo))
             continue

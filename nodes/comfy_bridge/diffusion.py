@@ -149,7 +149,9 @@ class _ComfyDenoiser:
         self.sigmas = sigmas.to(self.device)
         #: (T,) float32 abar_t = 1 / (1 + sigma_t^2), on the model's device.
         self.alphas_cumprod = (1.0 / (1.0 + sigmas ** 2)).to(self.device)
-        self._vae_dtype = vae.vae_dtype
+        # The differentiable encoder copy runs in float32 whatever dtype ComfyUI loaded the VAE
+        # in: bf16/fp16 gradients through the encoder are noisy enough to blur the SDS signal.
+        self._vae_dtype = torch.float32
         self._vae_device = vae.device
         self._encoder = _trainable_copy(fsm.encoder, self._vae_device, self._vae_dtype).eval()
         self._quant_conv = _trainable_copy(fsm.quant_conv, self._vae_device, self._vae_dtype).eval()

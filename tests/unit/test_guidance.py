@@ -412,7 +412,7 @@ def test_default_config_is_valid_and_documented():
         if isinstance(node, ast.AnnAssign):
             nxt = body[i + 1]
             assert isinstance(nxt, ast.Expr) and isinstance(nxt.value.value, str), node.target.id
-    assert len(fields) == 8
+    assert len(fields) == 9
 
 
 def test_input_checks():
