@@ -9,8 +9,11 @@ from ..mpod_core import cameras as cam
 from ..mpod_core.fields import RadianceField, load_radiance_field, read_settings, save_radiance_field
 from ..mpod_core.fields.extract import extract_mesh
 from ..mpod_core.fields.nerf import NeRFFieldConfig
+from ..mpod_core.configdoc import field_docs
 from ..mpod_core.guidance import SDSConfig
-from ..mpod_core.pipelines.mpod123 import Stage1Config, fit_stage1, prepare_reference, turntable_cameras
+from ..mpod_core.guidance.schedules import TIMESTEP_PRESET_NAMES, TIMESTEP_PRESETS, TimestepSchedule
+from ..mpod_core.pipelines.mpod123 import (MAX_GUIDANCE_PIXELS, MAX_RESOLUTION, MAX_SAMPLES_PER_RAY, Stage1Config,
+                                           fit_stage1, prepare_reference, turntable_cameras)
 from . import comfy_bridge as bridge
 from .comfy_bridge.diffusion import ComfyZero123Denoiser
 from .registry import MPOD123_CATEGORY, NODE_DISPLAY_NAMES, RADIANCE_FIELD_TYPE, TRIMESH_TYPE
@@ -48,6 +51,8 @@ def _trainable_copy(field: RadianceField, backend: str, device) -> RadianceField
         field.grid.ema_decay, field.grid.threshold, field.grid.warmup_steps)
     state = {k: v.detach().clone() for k, v in field.state_dict().items()}
     copy.load_state_dict(state)
+    copy.optimizer_state = {name: {k: v.detach().clone() for k, v in m.items()}
+                            for name, m in field.optimizer_state.items()}
     return copy.to(device)
 
 
@@ -72,96 +77,151 @@ def _reference_inputs(image: torch.Tensor, mask, invert_mask: bool):
     return img[..., :3], m
 
 
+def _tip(text: str, cls: type = Stage1Config, name: str | None = None) -> str:
+    """A tooltip: ``text`` followed by the core field's docstring (which names the default's source)."""
+    doc = field_docs(cls).get(name, "") if name else ""
+    return f"{text} {doc}".strip()
+
+
 class Zero123SDSNeRF(io.ComfyNode):
     """MPOD123 stage 1: a NeRF from one image under Zero123 score distillation."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        defaults = Stage1Config()
-        sds = defaults.sds
+        d = Stage1Config()
+        custom = d.custom_timesteps
+        presets = "; ".join(f"{k}: {v.source}" for k, v in TIMESTEP_PRESETS.items())
         return _schema(
             "MPOD3D_Zero123SDSNeRF",
             description="MPOD123 stage 1: optimise a hash-grid NeRF so that its front view matches the image "
                         "(RGB + mask losses) and its novel views are likely under Stable Zero123 (score "
-                        "distillation). 75% of iterations are random novel views, 25% the reference view. Long: "
-                        "on a 2-core CPU one novel-view iteration at 128^2 with 256^2 guidance takes ~15 s "
-                        "(6 s render + 9 s Zero123); the paper runs 5000 on a GPU.",
+                        "distillation), with the reference implementations' timestep schedule, learning rates, "
+                        "regularisers, shading augmentation and coarse-to-fine hash grid. 75% of iterations are "
+                        "random novel views, 25% the reference view. Long: on a 2-core CPU a novel-view iteration "
+                        "at 128^2 takes seconds for the render and ~9 s for Zero123 at 256^2 (see the README's "
+                        "Performance); the paper runs 5000 on a GPU. Memory stays bounded at any resolution.",
             inputs=[
                 io.Model.Input("model", tooltip="Stable Zero123 MODEL from Image Only Checkpoint Loader."),
                 io.ClipVision.Input("clip_vision", tooltip="CLIP_VISION from the same loader."),
-                io.Vae.Input("vae", tooltip="VAE from the same loader (its encoder is differentiated through)."),
-                io.Image.Input("image", tooltip="The reference image: square, object centred, seen from the front "
-                                                "(elevation 0, azimuth 0). The first image of a batch is used."),
+                io.Vae.Input("vae", tooltip="VAE from the same loader (a float32 copy of its encoder is "
+                                            "differentiated through)."),
+                io.Image.Input("image", tooltip="The reference image: square, object centred, seen from the "
+                                                "reference camera (elevation reference_elevation, azimuth 0). "
+                                                "The first image of a batch is used."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Object mask, 1 = object. Left out: the image's alpha channel (RGBA images)."),
                 RadianceFieldType.Input("resume_field", optional=True,
-                                        tooltip="Continue optimising this field (e.g. from Load Radiance Field) "
-                                                "instead of starting from the blob."),
+                                        tooltip="Continue optimising this field (e.g. from Load Radiance Field): "
+                                                "its iteration count, occupancy grid and Adam moments continue."),
                 io.Boolean.Input("invert_mask", default=False,
                                  tooltip="Turn on when the mask is 1 on the background, e.g. Load Image's MASK "
                                          "(1 where the picture is transparent)."),
-                io.Int.Input("iterations", default=defaults.iterations, min=1, max=100000,
-                             tooltip="Iterations to run (paper: 5000); a resumed field continues its count."),
-                io.Int.Input("resolution", default=defaults.resolution, min=16, max=1024, step=8,
-                             tooltip="Render resolution of every view (paper: 128)."),
-                io.Int.Input("guidance_resolution", default=defaults.guidance_resolution, min=64, max=1024, step=8,
-                             tooltip="Renders are resized to this before Zero123 encodes them (Zero123 was "
-                                     "trained at 256). Lower is faster and rougher."),
-                io.Float.Input("learning_rate", default=defaults.learning_rate, min=1e-5, max=1.0, step=1e-4,
-                               tooltip="Adam learning rate (paper: 0.001)."),
-                io.Float.Input("guidance_scale", default=sds.guidance_scale, min=0.0, max=100.0, step=0.1,
-                               tooltip="Classifier-free guidance of Zero123 (3-5 usual)."),
-                io.Float.Input("min_step", default=sds.min_step, min=0.0, max=1.0, step=0.01,
-                               tooltip="Lowest timestep at the start, fraction of the schedule."),
-                io.Float.Input("max_step", default=sds.max_step, min=0.0, max=1.0, step=0.01,
-                               tooltip="Highest timestep at the start."),
-                io.Float.Input("anneal_min_step", default=sds.anneal_min_step, min=0.0, max=1.0, step=0.01,
-                               tooltip="Lowest timestep after annealing."),
-                io.Float.Input("anneal_max_step", default=sds.anneal_max_step, min=0.0, max=1.0, step=0.01,
-                               tooltip="Highest timestep after annealing."),
-                io.Int.Input("anneal_iterations", default=sds.anneal_steps, min=0, max=100000,
-                             tooltip="The timestep range moves linearly to the annealed one over these iterations."),
-                io.Float.Input("reference_probability", default=defaults.reference_probability, min=0.0, max=1.0,
-                               step=0.05, tooltip="Share of iterations that fit the reference view (paper: 0.25)."),
-                io.Float.Input("elevation_min", default=defaults.elevation_range[0], min=-89.0, max=89.0, step=1.0,
-                               tooltip="Lowest elevation of random novel views, degrees."),
-                io.Float.Input("elevation_max", default=defaults.elevation_range[1], min=-89.0, max=89.0, step=1.0,
-                               tooltip="Highest elevation of random novel views, degrees."),
-                io.Float.Input("camera_distance", default=defaults.distance, min=0.1, max=100.0, step=0.05,
-                               tooltip="Distance of every camera from the object's centre (paper: 2.5)."),
-                io.Float.Input("fov", default=defaults.fov, min=1.0, max=179.0, step=0.5,
-                               tooltip="Vertical field of view of every camera, degrees (paper: 40)."),
-                io.Int.Input("samples_per_ray", default=256, min=16, max=2048,
-                             tooltip="Marching samples across the field's cube diagonal: more is sharper and slower."),
+                io.Int.Input("iterations", default=d.iterations, min=1, max=100000,
+                             tooltip=_tip("", name="iterations")),
+                io.Int.Input("resolution", default=d.resolution, min=16, max=MAX_RESOLUTION, step=8,
+                             tooltip=_tip("Render size of every view; memory stays bounded (two-pass backward), "
+                                          "time grows with the pixels.", name="resolution")),
+                io.Int.Input("guidance_resolution", default=d.guidance_resolution, min=64, max=512, step=8,
+                             tooltip=_tip(f"batch_size x guidance_resolution^2 may not exceed "
+                                          f"{MAX_GUIDANCE_PIXELS} (the encoder's backward memory).",
+                                          name="guidance_resolution")),
+                io.Int.Input("batch_size", default=d.batch_size, min=1, max=4,
+                             tooltip=_tip("Views per SDS step.", name="batch_size")),
+                io.Float.Input("learning_rate", default=d.learning_rate, min=1e-5, max=1.0, step=1e-4,
+                               tooltip=_tip("", name="learning_rate") + " "
+                                       + field_docs(Stage1Config)["encoding_lr_scale"]),
+                io.Float.Input("guidance_scale", default=d.sds.guidance_scale, min=0.0, max=100.0, step=0.1,
+                               tooltip="Classifier-free guidance of Zero123 (threestudio "
+                                       "configs/stable-zero123.yaml guidance_scale: 3)."),
+                io.Combo.Input("timestep_preset", options=list(TIMESTEP_PRESET_NAMES), default=d.timestep_preset,
+                               tooltip="Noise levels sampled for SDS, annealed over fractions of the run. "
+                                       f"{presets}; custom: the six widgets below."),
+                io.Float.Input("min_step", default=custom.min_step, min=0.0, max=1.0, step=0.01,
+                               tooltip="custom preset only: lowest timestep at the start, fraction of the schedule."),
+                io.Float.Input("max_step", default=custom.max_step, min=0.0, max=1.0, step=0.01,
+                               tooltip="custom preset only: highest timestep at the start."),
+                io.Float.Input("anneal_min_step", default=custom.min_step, min=0.0, max=1.0, step=0.01,
+                               tooltip="custom preset only: lowest timestep after the anneal."),
+                io.Float.Input("anneal_max_step", default=custom.max_step, min=0.0, max=1.0, step=0.01,
+                               tooltip="custom preset only: highest timestep after the anneal."),
+                io.Float.Input("anneal_start", default=custom.anneal_start, min=0.0, max=1.0, step=0.01,
+                               tooltip=_tip("custom preset only.", TimestepSchedule, "anneal_start")),
+                io.Float.Input("anneal_end", default=custom.anneal_end, min=0.0, max=1.0, step=0.01,
+                               tooltip=_tip("custom preset only.", TimestepSchedule, "anneal_end")),
+                io.Float.Input("reference_probability", default=d.reference_probability, min=0.0, max=1.0,
+                               step=0.05, tooltip=_tip("", name="reference_probability")),
+                io.Float.Input("reference_elevation", default=d.reference_elevation, min=-89.0, max=89.0, step=1.0,
+                               tooltip=_tip("", name="reference_elevation")),
+                io.Float.Input("elevation_min", default=d.elevation_range[0], min=-89.0, max=89.0, step=1.0,
+                               tooltip="Lowest elevation of random novel views, degrees (Magic123: -45)."),
+                io.Float.Input("elevation_max", default=d.elevation_range[1], min=-89.0, max=89.0, step=1.0,
+                               tooltip="Highest elevation of random novel views, degrees (Magic123: 45)."),
+                io.Float.Input("camera_distance", default=d.distance, min=0.1, max=100.0, step=0.05,
+                               tooltip=_tip("", name="distance")),
+                io.Float.Input("fov", default=d.fov, min=1.0, max=179.0, step=0.5, tooltip=_tip("", name="fov")),
+                io.Float.Input("lambda_orient", default=d.lambda_orient, min=0.0, max=1000.0, step=0.01,
+                               tooltip=_tip("Penalises normals facing away from the camera on visible matter "
+                                            "(DreamFusion); 0 = off.", name="lambda_orient")),
+                io.Float.Input("lambda_normal_smooth", default=d.lambda_normal_smooth, min=0.0, max=1000.0,
+                               step=0.01, tooltip=_tip("Smooths the rendered normal map; 0 = off.",
+                                                       name="lambda_normal_smooth")),
+                io.Float.Input("lambda_sparsity", default=d.lambda_sparsity, min=0.0, max=1000.0, step=0.01,
+                               tooltip=_tip("Against haze: mean opacity of novel views; 0 = off.",
+                                            name="lambda_sparsity")),
+                io.Float.Input("lambda_opaque", default=d.lambda_opaque, min=0.0, max=1000.0, step=0.01,
+                               tooltip=_tip("Pushes pixels to empty or opaque; 0 = off.", name="lambda_opaque")),
+                io.Boolean.Input("shading_augmentation", default=d.shading_augmentation,
+                                 tooltip=_tip("", name="shading_augmentation")),
+                io.Int.Input("coarse_levels", default=d.coarse_levels, min=0, max=16,
+                             tooltip=_tip(f"For the first {d.coarse_fraction:.0%} of the run.", name="coarse_levels")),
+                io.Int.Input("samples_per_ray", default=256, min=16, max=MAX_SAMPLES_PER_RAY,
+                             tooltip="Marching samples across the field's cube diagonal (a fresh field's; a "
+                                     "resumed field keeps its own): more is sharper and slower. "
+                                     f"At most {MAX_SAMPLES_PER_RAY}, the ray marcher's cap."),
                 io.Int.Input("turntable_frames", default=8, min=1, max=360,
                              tooltip="Views of the turntable output (one full turn at elevation 0)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seed of the field's initialisation, the views, the timesteps and the noise."),
+                             tooltip=_tip("Also seeds a fresh field's initial weights.", name="seed")),
                 io.Combo.Input("backend", options=list(FIELD_BACKENDS), default="auto",
                                tooltip="Hash grid: cuda = tinycudann (GPU, must be installed), torch = pure PyTorch "
                                        "(any device), auto = cuda when available."),
             ],
             outputs=[
                 RadianceFieldType.Output("field", display_name="field",
-                                         tooltip="The radiance field (with its occupancy grid and cameras)."),
+                                         tooltip="The radiance field (with its occupancy grid, cameras and Adam "
+                                                 "moments)."),
                 io.Image.Output("turntable", display_name="turntable",
                                 tooltip="Renders of the field from turntable_frames views on white."),
             ],
         )
 
     @classmethod
+    def validate_inputs(cls, batch_size: int = 1, guidance_resolution: int = 256, **_) -> bool | str:
+        pixels = int(batch_size) * int(guidance_resolution) ** 2
+        if pixels > MAX_GUIDANCE_PIXELS:
+            return (f"Zero123 SDS NeRF: batch_size x guidance_resolution^2 = {pixels} exceeds {MAX_GUIDANCE_PIXELS} "
+                    f"(4 views at 256^2), the most the VAE encoder's backward is allowed to hold; lower batch_size "
+                    f"or guidance_resolution")
+        return True
+
+    @classmethod
     def execute(cls, model, clip_vision, vae, image, invert_mask, iterations, resolution, guidance_resolution,
-                learning_rate, guidance_scale, min_step, max_step, anneal_min_step, anneal_max_step,
-                anneal_iterations, reference_probability, elevation_min, elevation_max, camera_distance, fov,
-                samples_per_ray, turntable_frames, seed, backend, mask=None, resume_field=None) -> io.NodeOutput:
+                batch_size, learning_rate, guidance_scale, timestep_preset, min_step, max_step, anneal_min_step,
+                anneal_max_step, anneal_start, anneal_end, reference_probability, reference_elevation,
+                elevation_min, elevation_max, camera_distance, fov, lambda_orient, lambda_normal_smooth,
+                lambda_sparsity, lambda_opaque, shading_augmentation, coarse_levels, samples_per_ray,
+                turntable_frames, seed, backend, mask=None, resume_field=None) -> io.NodeOutput:
         ref_image, ref_mask = _reference_inputs(image, mask, invert_mask)
         config = Stage1Config(
             iterations=iterations, resolution=resolution, guidance_resolution=guidance_resolution,
-            learning_rate=learning_rate, reference_probability=reference_probability,
-            elevation_range=(elevation_min, elevation_max), distance=camera_distance, fov=fov, seed=seed,
-            sds=SDSConfig(guidance_scale=guidance_scale, min_step=min_step, max_step=max_step,
-                          anneal_min_step=anneal_min_step, anneal_max_step=anneal_max_step,
-                          anneal_steps=anneal_iterations))
+            batch_size=batch_size, learning_rate=learning_rate, reference_probability=reference_probability,
+            reference_elevation=reference_elevation, elevation_range=(elevation_min, elevation_max),
+            distance=camera_distance, fov=fov, seed=seed, sds=SDSConfig(guidance_scale=guidance_scale),
+            timestep_preset=timestep_preset,
+            custom_timesteps=TimestepSchedule(min_step, max_step, anneal_min_step, anneal_max_step, anneal_start,
+                                              anneal_end),
+            lambda_orient=lambda_orient, lambda_normal_smooth=lambda_normal_smooth, lambda_sparsity=lambda_sparsity,
+            lambda_opaque=lambda_opaque, shading_augmentation=shading_augmentation, coarse_levels=coarse_levels)
         config.validate()
         if backend not in FIELD_BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(FIELD_BACKENDS)}, got {backend!r}")
@@ -177,13 +237,15 @@ class Zero123SDSNeRF(io.ComfyNode):
             # Validates image and mask (clear errors) and gives the object over white at full size:
             # Zero123 is conditioned on that, as the reference loss sees it.
             white, _ = prepare_reference(ref_image, ref_mask, ref_image.shape[0], 1.0)
-            denoiser = ComfyZero123Denoiser(model, clip_vision, vae, white[None].clone(), reference_view=(0.0, 0.0))
+            denoiser = ComfyZero123Denoiser(model, clip_vision, vae, white[None].clone(),
+                                            reference_view=(reference_elevation, 0.0))
             with denoiser:
                 result = fit_stage1(ref_image.clone(), ref_mask.clone(), denoiser, config, field=field,
                                     progress=bridge.Progress(iterations))
         field = result.field
         field.meta["training"] = {"image_size": list(ref_image.shape[:2]), "seed": seed,
-                                  "guidance_scale": guidance_scale, "iterations_last_run": iterations}
+                                  "guidance_scale": guidance_scale, "timestep_preset": timestep_preset,
+                                  "iterations_last_run": iterations}
         cams = turntable_cameras(turntable_frames, 0.0, camera_distance, fov)
         with torch.no_grad():
             turntable = _render_views(field, cams, resolution)

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from ..cameras import Cameras, get_rays
 from ..volume import DEFAULT_CHUNK, OccupancyGrid, opacity_from_density, render_rays
+from ..volume.rendering import DEFAULT_MAX_SAMPLES_PER_RAY
 from .nerf import NeRFField, NeRFFieldConfig
 from .shading import Shading, shade
 
@@ -45,8 +46,9 @@ class RadianceField(nn.Module):
                  grid_resolution: int = DEFAULT_GRID_RESOLUTION, backend: str = "auto",
                  meta: Optional[dict] = None) -> None:
         super().__init__()
-        if int(samples_per_ray) < 8:
-            raise ValueError(f"samples_per_ray must be >= 8, got {samples_per_ray}")
+        if not 8 <= int(samples_per_ray) <= DEFAULT_MAX_SAMPLES_PER_RAY:
+            raise ValueError(f"samples_per_ray must be in [8, {DEFAULT_MAX_SAMPLES_PER_RAY}] (the ray marcher's "
+                             f"cap), got {samples_per_ray}")
         self.field = NeRFField(config, backend=backend)
         self.grid = OccupancyGrid(self.field.aabb, resolution=int(grid_resolution))
         self.samples_per_ray = int(samples_per_ray)

@@ -63,16 +63,22 @@ from ...mpod_core.guidance.protocol import ViewCondition
 __all__ = ["ComfyTextDenoiser", "ComfyZero123Denoiser", "zero123_camera_embeddings"]
 
 
-def zero123_camera_embeddings(delta_elevation: torch.Tensor, delta_azimuth: torch.Tensor) -> torch.Tensor:
-    """(B,) relative angles in degrees -> (B, 1, 4) Stable Zero123 camera embedding,
-    the batched form of ``comfy_extras.nodes_stable3d.camera_embeddings``."""
+def zero123_camera_embeddings(delta_elevation: torch.Tensor, delta_azimuth: torch.Tensor,
+                              reference_elevation: float = 0.0) -> torch.Tensor:
+    """(B,) relative angles in degrees -> (B, 1, 4) Stable Zero123 camera embedding.
+
+    ``[-delta_elevation, sin(delta_azimuth), cos(delta_azimuth), 90 - reference_elevation]``
+    (radians): threestudio's ``StableZero123Guidance.get_cond``, whose fourth
+    component is the conditioning image's polar angle. With ``reference_elevation
+    = 0`` it is exactly ``comfy_extras.nodes_stable3d.camera_embeddings`` (fixed pi/2).
+    """
     e = torch.as_tensor(delta_elevation, dtype=torch.float32).reshape(-1)
     a = torch.as_tensor(delta_azimuth, dtype=torch.float32).reshape(-1)
     emb = torch.stack([
         torch.deg2rad((90 - e) - 90),           # Zero123's polar angle is 90 - elevation
         torch.sin(torch.deg2rad(a)),
         torch.cos(torch.deg2rad(a)),
-        torch.deg2rad(90 - torch.zeros_like(e)),  # Stable Zero123: fixed pi/2 (no distance)
+        torch.deg2rad(90 - torch.full_like(e, float(reference_elevation))),  # the reference's polar angle
     ], dim=-1)
     return emb.unsqueeze(1)
 
@@ -315,7 +321,7 @@ class ComfyZero123Denoiser(_ComfyDenoiser):
         else:
             de = views.elevation.detach().float().cpu().reshape(-1) - self.reference_elevation
             da = views.azimuth.detach().float().cpu().reshape(-1) - self.reference_azimuth
-        cam = zero123_camera_embeddings(de, da).to(self.pooled.device)
+        cam = zero123_camera_embeddings(de, da, self.reference_elevation).to(self.pooled.device)
         return torch.cat([self.pooled.repeat(batch, 1, 1), cam], dim=-1)
 
     def _conds(self, views, batch, height, width) -> dict:

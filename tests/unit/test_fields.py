@@ -69,10 +69,43 @@ def test_normals_match_autograd_gradient_on_a_perturbed_field():
     f = _perturbed(3)
     pts = torch.tensor([[0.1, 0.2, 0.3], [-0.3, 0.1, 0.05]], requires_grad=True)
     grad, = torch.autograd.grad(f.field.density(pts).sum(), pts)
+    exact = -torch.nn.functional.normalize(grad, dim=-1)
+    torch.testing.assert_close(f.field.normals(pts.detach()), exact)  # analytic (the default)
+    with torch.no_grad():  # analytic normals work without recording too
+        torch.testing.assert_close(f.field.normals(pts.detach()), exact)
+    f.field.config.normal_type = "finite_difference"
     fd = f.field.normals(pts.detach())
     # finite differences over 0.01 against the exact gradient of a piecewise-trilinear field
-    cos = (fd * -torch.nn.functional.normalize(grad, dim=-1)).sum(-1)
+    cos = (fd * exact).sum(-1)
     assert cos.min() > 0.95, cos
+
+
+def test_losses_on_analytic_normals_reach_the_weights_gradcheck():
+    """Double backward through the hash grid and the MLP, float64 gradcheck on the first layer."""
+    torch.manual_seed(0)
+    f = NeRFField(NeRFFieldConfig(hash_grid=HashGridConfig(n_levels=2, log2_hashmap_size=8, base_resolution=4)),
+                  backend="torch").double()
+    with torch.no_grad():
+        f.encoding.table.uniform_(-0.5, 0.5)
+    pts = torch.tensor([[0.1, 0.2, 0.3], [-0.3, 0.1, 0.05], [0.2, -0.25, 0.1]], dtype=torch.float64)
+    target = torch.nn.functional.normalize(torch.randn(3, 3, dtype=torch.float64), dim=-1)
+    weight = f.mlp[0].weight.detach().clone().requires_grad_(True)
+
+    class Normals(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = f
+
+        def forward(self, x):
+            return self.f.normals(x)
+
+    wrapper = Normals()
+
+    def loss(w):
+        normals = torch.func.functional_call(wrapper, {"f.mlp.0.weight": w}, (pts,))
+        return ((normals - target) ** 2).sum()
+
+    assert torch.autograd.gradcheck(loss, (weight,), eps=1e-6, atol=1e-5)
 
 
 def test_render_shapes_and_gradients_reach_the_field():
