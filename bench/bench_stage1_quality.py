@@ -37,7 +37,6 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from mpod_core.cameras import orbit_cameras  # noqa: E402
 from mpod_core.encoding import HashGridConfig  # noqa: E402
 from mpod_core.fields import NeRFFieldConfig, RadianceField  # noqa: E402
 from mpod_core.fields.extract import extract_mesh  # noqa: E402
@@ -69,18 +68,8 @@ def config_for(run: str, iterations: int, seed: int) -> Stage1Config:
 
 
 def evaluate(field: RadianceField, oracle: MeshViewOracle) -> dict:
-    elev, azim = HELD_OUT
-    cams = orbit_cameras(elev, azim)
-    with torch.no_grad():
-        mask, opacity = field.opacity_mask(cams, RES, RES, 0.5)
-        color = field.render(cams, RES, RES, background=1.0)["color"]
-    truth = oracle.render(elev, azim)
-    gt = truth.alpha > 0.5
-    pred = mask > 0.5
-    iou = (gt & pred).sum((1, 2)).float() / (gt | pred).sum((1, 2)).float()
-    psnr = -10 * torch.log10(((color - truth.color) ** 2).mean((1, 2, 3)))
-    haze = float((opacity * (~gt)).sum() / opacity.sum().clamp_min(1e-8))
-    return {"iou": float(iou.min()), "psnr": float(psnr.min()), "haze": haze}
+    r = oracle.compare(field, *HELD_OUT)
+    return {"iou": float(r["iou"].min()), "psnr": float(r["psnr"].min()), "haze": r["haze"]}
 
 
 def components(field: RadianceField) -> int:

@@ -73,3 +73,29 @@ class MeshViewOracle:
         """(H, W, 3) colour and (H, W) alpha of the reference view."""
         r = self.render(elevation, azimuth, resolution)
         return r.color[0], r.alpha[0]
+
+    @torch.no_grad()
+    def compare(self, field, elevations, azimuths, resolution: int | None = None) -> dict:
+        """How well a radiance field reproduces the mesh at the given views.
+
+        Args:
+            field: a :class:`~mpod_core.fields.RadianceField` (duck-typed: ``opacity_mask``, ``render``).
+            elevations, azimuths: N views (degrees).
+            resolution: image size (default: the oracle's).
+
+        Returns:
+            ``iou`` (N,) of the 0.5-thresholded opacity against the mesh's silhouette,
+            ``psnr`` (N,) of the colour on white (dB), and ``haze``: the share of
+            the rendered opacity that lies outside the true silhouettes.
+        """
+        res = resolution or self.resolution
+        cams = orbit_cameras(elevations, azimuths, self.distance, self.fov)
+        mask, opacity = field.opacity_mask(cams, res, res, 0.5)
+        color = field.render(cams, res, res, background=1.0)["color"]
+        truth = self.render(elevations, azimuths, res)
+        gt = truth.alpha > 0.5
+        pred = mask > 0.5
+        iou = (gt & pred).sum((1, 2)).float() / (gt | pred).sum((1, 2)).float()
+        psnr = -10 * torch.log10(((color - truth.color) ** 2).mean((1, 2, 3)))
+        haze = float((opacity * (~gt)).sum() / opacity.sum().clamp_min(1e-8))
+        return {"iou": iou, "psnr": psnr, "haze": haze}

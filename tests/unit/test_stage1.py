@@ -12,14 +12,12 @@ import time
 
 import pytest
 import torch
-import trimesh
-
 from mpod_core.cameras import orbit_cameras
 from mpod_core.encoding import HashGridConfig
 from mpod_core.fields import NeRFFieldConfig, RadianceField
 from mpod_core.guidance import OracleDenoiser
+from mpod_core.guidance.mesh_oracle import MeshViewOracle
 from mpod_core.pipelines.mpod123 import Stage1Config, fit_stage1, prepare_reference, turntable_cameras
-from mpod_core.render import render_mesh
 
 TINY = NeRFFieldConfig(hash_grid=HashGridConfig(n_levels=4, log2_hashmap_size=12))
 
@@ -27,35 +25,6 @@ TINY = NeRFFieldConfig(hash_grid=HashGridConfig(n_levels=4, log2_hashmap_size=12
 def _tiny_field():
     torch.manual_seed(0)
     return RadianceField(TINY, samples_per_ray=32, backend="torch")
-
-
-def _known_mesh():
-    """A box with a ball on its upper right front: no mirror or rotation symmetry."""
-    box = trimesh.creation.box(extents=(0.9, 0.5, 0.5))
-    box.apply_translation((-0.1, -0.15, 0.0))
-    ball = trimesh.creation.icosphere(subdivisions=3, radius=0.3)
-    ball.apply_translation((0.25, 0.25, 0.1))
-    mesh = trimesh.util.concatenate([box, ball])
-    v = torch.tensor(mesh.vertices, dtype=torch.float32)
-    colors = (v - v.min(0).values) / (v.max(0).values - v.min(0).values) * 0.8 + 0.1
-    return v, torch.tensor(mesh.faces, dtype=torch.long), colors
-
-
-class MeshOracle:
-    """Renders of the known mesh on white, as the oracle's per-view targets."""
-
-    def __init__(self, res):
-        self.v, self.f, self.c = _known_mesh()
-        self.res = res
-
-    def render(self, elevation, azimuth, res=None):
-        res = res or self.res
-        cams = orbit_cameras(elevation, azimuth, 2.5, 40.0)
-        return render_mesh(self.v, self.f, cams, res, res, vertex_colors=self.c, background=(1.0, 1.0, 1.0))
-
-    def target_fn(self, views, batch):
-        r = self.render(views.elevation.float(), views.azimuth.float())
-        return r.color.permute(0, 3, 1, 2) * 2.0 - 1.0
 
 
 class SpyDenoiser(OracleDenoiser):
@@ -75,8 +44,7 @@ class SpyDenoiser(OracleDenoiser):
 
 
 def _reference(res=32):
-    r = MeshOracle(res).render(0.0, 0.0)
-    return r.color[0], r.alpha[0]
+    return MeshViewOracle(res).reference(res)
 
 
 def test_stage1_with_a_multi_view_oracle_recovers_the_silhouettes():
