@@ -18,12 +18,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .nerf import NeRFFieldConfig
-from .radiance_field import RadianceField
+from .radiance_field import DEFAULT_ALPHA_THRESHOLD, DEFAULT_EARLY_STOP_EPS, RadianceField
 
 FORMAT_NAME = "mpod3d-radiance-field"
 #: Bump when the tensor layout or the meaning of a setting changes.
 FORMAT_VERSION = 1
 SETTINGS_KEY = "mpod3d_settings"
+#: What ``grid.density`` holds. Files without this key (written before it existed) hold the raw
+#: density; they are converted on load (the EMA max-decay commutes with the scaling).
+GRID_ESTIMATE = "density*step_size"
 
 PathLike = Union[str, os.PathLike]
 
@@ -45,7 +48,8 @@ def settings_of(field: RadianceField) -> dict:
     return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": field.config.to_dict(),
             "samples_per_ray": field.samples_per_ray, "grid_resolution": list(field.grid.resolution),
             "grid": {"ema_decay": field.grid.ema_decay, "threshold": field.grid.threshold,
-                     "warmup_steps": field.grid.warmup_steps},
+                     "warmup_steps": field.grid.warmup_steps, "estimate": GRID_ESTIMATE},
+            "pruning": {"alpha_threshold": field.alpha_threshold, "early_stop_eps": field.early_stop_eps},
             "meta": field.meta}
 
 
@@ -104,10 +108,13 @@ def load_radiance_field(path: PathLike, *, backend: str = "auto", device=None) -
     """
     path = Path(path)
     settings = read_settings(path)
+    pruning = settings.get("pruning", {})  # absent in older files: the defaults
     field = RadianceField(NeRFFieldConfig.from_dict(settings["config"]),
                           samples_per_ray=settings["samples_per_ray"],
                           grid_resolution=settings["grid_resolution"][0], backend="torch",
-                          meta=settings.get("meta"))
+                          meta=settings.get("meta"),
+                          alpha_threshold=float(pruning.get("alpha_threshold", DEFAULT_ALPHA_THRESHOLD)),
+                          early_stop_eps=float(pruning.get("early_stop_eps", DEFAULT_EARLY_STOP_EPS)))
     g = settings["grid"]
     field.grid.ema_decay, field.grid.threshold, field.grid.warmup_steps = (
         float(g["ema_decay"]), float(g["threshold"]), int(g["warmup_steps"]))
@@ -120,6 +127,9 @@ def load_radiance_field(path: PathLike, *, backend: str = "auto", device=None) -
     if missing or unexpected:
         raise ValueError(f"{path.name}: tensors do not match the settings (missing {missing}, "
                          f"unexpected {unexpected})")
+    if g.get("estimate", "density") == "density":  # an older file: raw-density estimates
+        with torch.no_grad():
+            field.grid.density.mul_(field.step_size)
     if backend != "torch":
         field = _rebuild_with_backend(field, backend)
     return field.to(device) if device is not None else field
@@ -132,7 +142,8 @@ def _rebuild_with_backend(field: RadianceField, backend: str) -> RadianceField:
     if tcnn_backend.resolve_backend(backend) == "torch":
         return field
     new = RadianceField(field.config, samples_per_ray=field.samples_per_ray,
-                        grid_resolution=field.grid.resolution[0], backend=backend, meta=field.meta)
+                        grid_resolution=field.grid.resolution[0], backend=backend, meta=field.meta,
+                        alpha_threshold=field.alpha_threshold, early_stop_eps=field.early_stop_eps)
     state = field.state_dict()
     table = state.pop("field.encoding.table")
     new.load_state_dict(state, strict=False)

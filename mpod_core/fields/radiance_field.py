@@ -23,6 +23,10 @@ CAMERA_CONVENTION = "mpod3d-orbit-v1"
 #: Defaults of the marching and the occupancy grid (REFERENCE.md, stage 1).
 DEFAULT_SAMPLES_PER_RAY = 256
 DEFAULT_GRID_RESOLUTION = 32
+#: Sample pruning before the field is evaluated with autograd (nerfacc's ``alpha_thre`` and
+#: ``early_stop_eps`` as Instant-NGP-style trainers pass them).
+DEFAULT_ALPHA_THRESHOLD = 0.01
+DEFAULT_EARLY_STOP_EPS = 1e-4
 
 
 class RadianceField(nn.Module):
@@ -32,8 +36,15 @@ class RadianceField(nn.Module):
         config: the field's hyper-parameters.
         samples_per_ray: marching step ``sqrt(3) * 2 * radius / samples_per_ray``
             (samples along the cube's diagonal).
-        grid_resolution: occupancy-grid cells per axis.
+        grid_resolution: occupancy-grid cells per axis. The grid tracks
+            ``density * step_size`` (the optical depth of one marching step,
+            as nerfacc's), so its threshold 0.01 means "about 1% opaque per step".
         backend: hash-grid backend (``"auto" | "torch" | "tcnn"``).
+        alpha_threshold: :meth:`render` and :meth:`opacity` drop samples whose
+            alpha ``1 - exp(-sigma * step)`` is below this (0 keeps all).
+        early_stop_eps: ... and samples whose transmittance is below this
+            (0 keeps all). See :func:`mpod_core.volume.sample_along_rays` for
+            the error bound; both are plain attributes, saved with the field.
         meta: JSON-serialisable facts about the field (reference view, steps
             done, training settings); kept and saved as is.
     """
@@ -41,10 +52,16 @@ class RadianceField(nn.Module):
     def __init__(self, config: Optional[NeRFFieldConfig] = None, *,
                  samples_per_ray: int = DEFAULT_SAMPLES_PER_RAY,
                  grid_resolution: int = DEFAULT_GRID_RESOLUTION, backend: str = "auto",
-                 meta: Optional[dict] = None) -> None:
+                 meta: Optional[dict] = None, alpha_threshold: float = DEFAULT_ALPHA_THRESHOLD,
+                 early_stop_eps: float = DEFAULT_EARLY_STOP_EPS) -> None:
         super().__init__()
         if int(samples_per_ray) < 8:
             raise ValueError(f"samples_per_ray must be >= 8, got {samples_per_ray}")
+        if not (0.0 <= alpha_threshold < 1.0 and 0.0 <= early_stop_eps < 1.0):
+            raise ValueError(f"alpha_threshold and early_stop_eps must be in [0, 1), got "
+                             f"{alpha_threshold}, {early_stop_eps}")
+        self.alpha_threshold = float(alpha_threshold)
+        self.early_stop_eps = float(early_stop_eps)
         self.field = NeRFField(config, backend=backend)
         self.grid = OccupancyGrid(self.field.aabb, resolution=int(grid_resolution))
         self.samples_per_ray = int(samples_per_ray)
@@ -73,6 +90,10 @@ class RadianceField(nn.Module):
         origins, dirs = get_rays(cams, width, height)
         return origins.reshape(-1, 3), dirs.reshape(-1, 3)
 
+    def _pruning(self) -> dict:
+        return {"density_fn": self.field.density, "alpha_threshold": self.alpha_threshold,
+                "early_stop_eps": self.early_stop_eps}
+
     def render(self, cameras: Cameras, width: int, height: int, *, background=None,
                with_normals: bool = False, generator: Optional[torch.Generator] = None,
                use_grid: bool = True, chunk: int = DEFAULT_CHUNK) -> Dict[str, torch.Tensor]:
@@ -88,6 +109,8 @@ class RadianceField(nn.Module):
             use_grid: skip empty space with the occupancy grid.
             chunk: rays per batch.
 
+        Samples are pruned with :attr:`alpha_threshold` and :attr:`early_stop_eps`.
+
         Returns:
             ``color`` (N, H, W, 3), ``opacity`` (N, H, W), ``depth`` (N, H, W)
             (ray distance, 0 where empty) and, with ``with_normals``, ``normal``
@@ -98,7 +121,7 @@ class RadianceField(nn.Module):
         out = render_rays(self.field, origins, dirs, self.aabb, self.step_size,
                           self.grid if use_grid else None, background=background,
                           normal_fn=self.field.normals if with_normals else None,
-                          generator=generator, chunk=chunk)
+                          generator=generator, chunk=chunk, **self._pruning())
         n = len(cameras)
         return {k: v.reshape(n, height, width, *v.shape[1:]) for k, v in out.items()}
 
@@ -107,7 +130,8 @@ class RadianceField(nn.Module):
         """Accumulated opacity from density only (MPOD123 eq. 3-5): (N, H, W) in [0, 1]."""
         origins, dirs = self._rays(cameras, width, height)
         opa = opacity_from_density(self.field.density, origins, dirs, self.aabb, self.step_size,
-                                   self.grid if use_grid else None, chunk=chunk)
+                                   self.grid if use_grid else None, chunk=chunk,
+                                   alpha_threshold=self.alpha_threshold, early_stop_eps=self.early_stop_eps)
         return opa.reshape(len(cameras), height, width)
 
     @torch.no_grad()
@@ -125,5 +149,5 @@ class RadianceField(nn.Module):
 
     @torch.no_grad()
     def update_grid(self, step: int, generator: Optional[torch.Generator] = None) -> None:
-        """One occupancy-grid update from the current density (see :class:`OccupancyGrid`)."""
-        self.grid.update(step, self.field.density, generator=generator)
+        """One occupancy-grid update from the current ``density * step_size`` (see :class:`OccupancyGrid`)."""
+        self.grid.update(step, self.field.density, generator=generator, step_size=self.step_size)
