@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .nerf import NeRFFieldConfig
-from .radiance_field import RadianceField
+from .radiance_field import DEFAULT_ALPHA_THRESHOLD, DEFAULT_EARLY_STOP_EPS, RadianceField
 
 FORMAT_NAME = "mpod3d-radiance-field"
 #: Bump when the tensor layout or the meaning of a setting changes.
@@ -30,6 +30,9 @@ SETTINGS_KEY = "mpod3d_settings"
 OPTIMIZER_PREFIX = "optimizer."
 TCNN_TABLE = "encoding.tcnn.params"
 TORCH_TABLE = "encoding.table"
+#: What ``grid.density`` holds. Files without this key (written before it existed) hold the raw
+#: density; they are converted on load (the EMA max-decay commutes with the scaling).
+GRID_ESTIMATE = "density*step_size"
 
 PathLike = Union[str, os.PathLike]
 
@@ -70,7 +73,8 @@ def settings_of(field: RadianceField) -> dict:
     return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": field.config.to_dict(),
             "samples_per_ray": field.samples_per_ray, "grid_resolution": list(field.grid.resolution),
             "grid": {"ema_decay": field.grid.ema_decay, "threshold": field.grid.threshold,
-                     "warmup_steps": field.grid.warmup_steps},
+                     "warmup_steps": field.grid.warmup_steps, "estimate": GRID_ESTIMATE},
+            "pruning": {"alpha_threshold": field.alpha_threshold, "early_stop_eps": field.early_stop_eps},
             "meta": field.meta}
 
 
@@ -129,10 +133,13 @@ def load_radiance_field(path: PathLike, *, backend: str = "auto", device=None) -
     """
     path = Path(path)
     settings = read_settings(path)
+    pruning = settings.get("pruning", {})  # absent in older files: the defaults
     field = RadianceField(NeRFFieldConfig.from_dict(settings["config"]),
                           samples_per_ray=settings["samples_per_ray"],
                           grid_resolution=settings["grid_resolution"][0], backend="torch",
-                          meta=settings.get("meta"))
+                          meta=settings.get("meta"),
+                          alpha_threshold=float(pruning.get("alpha_threshold", DEFAULT_ALPHA_THRESHOLD)),
+                          early_stop_eps=float(pruning.get("early_stop_eps", DEFAULT_EARLY_STOP_EPS)))
     g = settings["grid"]
     field.grid.ema_decay, field.grid.threshold, field.grid.warmup_steps = (
         float(g["ema_decay"]), float(g["threshold"]), int(g["warmup_steps"]))
@@ -152,6 +159,9 @@ def load_radiance_field(path: PathLike, *, backend: str = "auto", device=None) -
                 or m["exp_avg"].shape != params[name].shape or m["exp_avg_sq"].shape != params[name].shape:
             raise ValueError(f"{path.name}: optimizer state of {name!r} does not match the field's parameters")
     field.optimizer_state = moments
+    if g.get("estimate", "density") == "density":  # an older file: raw-density estimates
+        with torch.no_grad():
+            field.grid.density.mul_(field.step_size)
     if backend != "torch":
         field = _rebuild_with_backend(field, backend)
     return field.to(device) if device is not None else field
@@ -164,7 +174,8 @@ def _rebuild_with_backend(field: RadianceField, backend: str) -> RadianceField:
     if tcnn_backend.resolve_backend(backend) == "torch":
         return field
     new = RadianceField(field.config, samples_per_ray=field.samples_per_ray,
-                        grid_resolution=field.grid.resolution[0], backend=backend, meta=field.meta)
+                        grid_resolution=field.grid.resolution[0], backend=backend, meta=field.meta,
+                        alpha_threshold=field.alpha_threshold, early_stop_eps=field.early_stop_eps)
     new.optimizer_state = {(TCNN_TABLE if k == TORCH_TABLE else k): v for k, v in field.optimizer_state.items()}
     state = field.state_dict()
     table = state.pop("field.encoding.table")

@@ -26,6 +26,10 @@ CAMERA_CONVENTION = "mpod3d-orbit-v1"
 #: Defaults of the marching and the occupancy grid (REFERENCE.md, stage 1).
 DEFAULT_SAMPLES_PER_RAY = 256
 DEFAULT_GRID_RESOLUTION = 32
+#: Sample pruning before the field is evaluated with autograd (nerfacc's ``alpha_thre`` and
+#: ``early_stop_eps`` as Instant-NGP-style trainers pass them).
+DEFAULT_ALPHA_THRESHOLD = 0.01
+DEFAULT_EARLY_STOP_EPS = 1e-4
 
 
 class RadianceField(nn.Module):
@@ -35,8 +39,15 @@ class RadianceField(nn.Module):
         config: the field's hyper-parameters.
         samples_per_ray: marching step ``sqrt(3) * 2 * radius / samples_per_ray``
             (samples along the cube's diagonal).
-        grid_resolution: occupancy-grid cells per axis.
+        grid_resolution: occupancy-grid cells per axis. The grid tracks
+            ``density * step_size`` (the optical depth of one marching step,
+            as nerfacc's), so its threshold 0.01 means "about 1% opaque per step".
         backend: hash-grid backend (``"auto" | "torch" | "tcnn"``).
+        alpha_threshold: :meth:`render` and :meth:`opacity` drop samples whose
+            alpha ``1 - exp(-sigma * step)`` is below this (0 keeps all).
+        early_stop_eps: ... and samples whose transmittance is below this
+            (0 keeps all). See :func:`mpod_core.volume.sample_along_rays` for
+            the error bound; both are plain attributes, saved with the field.
         meta: JSON-serialisable facts about the field (reference view, steps
             done, training settings); kept and saved as is.
     """
@@ -44,11 +55,17 @@ class RadianceField(nn.Module):
     def __init__(self, config: Optional[NeRFFieldConfig] = None, *,
                  samples_per_ray: int = DEFAULT_SAMPLES_PER_RAY,
                  grid_resolution: int = DEFAULT_GRID_RESOLUTION, backend: str = "auto",
-                 meta: Optional[dict] = None) -> None:
+                 meta: Optional[dict] = None, alpha_threshold: float = DEFAULT_ALPHA_THRESHOLD,
+                 early_stop_eps: float = DEFAULT_EARLY_STOP_EPS) -> None:
         super().__init__()
         if not 8 <= int(samples_per_ray) <= DEFAULT_MAX_SAMPLES_PER_RAY:
             raise ValueError(f"samples_per_ray must be in [8, {DEFAULT_MAX_SAMPLES_PER_RAY}] (the ray marcher's "
                              f"cap), got {samples_per_ray}")
+        if not (0.0 <= alpha_threshold < 1.0 and 0.0 <= early_stop_eps < 1.0):
+            raise ValueError(f"alpha_threshold and early_stop_eps must be in [0, 1), got "
+                             f"{alpha_threshold}, {early_stop_eps}")
+        self.alpha_threshold = float(alpha_threshold)
+        self.early_stop_eps = float(early_stop_eps)
         self.field = NeRFField(config, backend=backend)
         self.grid = OccupancyGrid(self.field.aabb, resolution=int(grid_resolution))
         self.samples_per_ray = int(samples_per_ray)
@@ -81,6 +98,10 @@ class RadianceField(nn.Module):
         origins, dirs = get_rays(cams, width, height)
         return origins.reshape(-1, 3), dirs.reshape(-1, 3)
 
+    def _pruning(self) -> dict:
+        return {"density_fn": self.field.density, "alpha_threshold": self.alpha_threshold,
+                "early_stop_eps": self.early_stop_eps}
+
     def render(self, cameras: Cameras, width: int, height: int, *, background=None,
                with_normals: bool = False, generator: Optional[torch.Generator] = None,
                use_grid: bool = True, chunk: int = DEFAULT_CHUNK, shading: Optional[Shading] = None,
@@ -100,6 +121,8 @@ class RadianceField(nn.Module):
             shading: how colour is shaded (:class:`~mpod_core.fields.shading.Shading`;
                 None: the albedo).
             jitter_seed: jitter with this seed instead of drawing one from ``generator``.
+
+        Samples are pruned with :attr:`alpha_threshold` and :attr:`early_stop_eps`.
 
         Returns:
             ``color`` (N, H, W, 3), ``opacity`` (N, H, W), ``depth`` (N, H, W)
@@ -158,14 +181,15 @@ class RadianceField(nn.Module):
         return render_rays(field_fn, origins, dirs, self.aabb, self.step_size, self.grid if use_grid else None,
                            background=background, generator=generator, chunk=chunk,
                            detached_weight_extras=("orientation",), count_samples=count_samples,
-                           jitter_seed=jitter_seed, ray_offset=ray_offset)
+                           jitter_seed=jitter_seed, ray_offset=ray_offset, **self._pruning())
 
     def opacity(self, cameras: Cameras, width: int, height: int, *, use_grid: bool = True,
                 chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
         """Accumulated opacity from density only (MPOD123 eq. 3-5): (N, H, W) in [0, 1]."""
         origins, dirs = self._rays(cameras, width, height)
         opa = opacity_from_density(self.field.density, origins, dirs, self.aabb, self.step_size,
-                                   self.grid if use_grid else None, chunk=chunk)
+                                   self.grid if use_grid else None, chunk=chunk,
+                                   alpha_threshold=self.alpha_threshold, early_stop_eps=self.early_stop_eps)
         return opa.reshape(len(cameras), height, width)
 
     @torch.no_grad()
@@ -183,5 +207,5 @@ class RadianceField(nn.Module):
 
     @torch.no_grad()
     def update_grid(self, step: int, generator: Optional[torch.Generator] = None) -> None:
-        """One occupancy-grid update from the current density (see :class:`OccupancyGrid`)."""
-        self.grid.update(step, self.field.density, generator=generator)
+        """One occupancy-grid update from the current ``density * step_size`` (see :class:`OccupancyGrid`)."""
+        self.grid.update(step, self.field.density, generator=generator, step_size=self.step_size)

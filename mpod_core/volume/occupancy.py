@@ -1,13 +1,20 @@
 """Occupancy grid for empty-space skipping (the Instant-NGP / nerfacc scheme).
 
 A regular grid over an axis-aligned box keeps a running estimate of the
-largest density seen in each cell and a binary ``mask`` of cells worth
-sampling. :meth:`OccupancyGrid.update` evaluates the density at one random
-point per cell (every cell during warm-up, afterwards a random quarter of the
-cells plus up to as many currently occupied ones) and applies the EMA
+largest ``density * step_size`` seen in each cell and a binary ``mask`` of
+cells worth sampling. :meth:`OccupancyGrid.update` evaluates the density at one
+random point per cell (every cell during warm-up, afterwards a random quarter
+of the cells plus up to as many currently occupied ones) and applies the EMA
 max-decay ``grid = max(grid * decay, new)`` to the visited cells; a cell is
 occupied when its estimate is positive and at least ``min(threshold, mean
 estimate)``.
+
+With ``step_size`` = the marching step, the estimate is the optical depth
+``sigma * delta`` of one marching step (about its alpha when small), which is
+what nerfacc's ``OccGridEstimator.update_every_n_steps`` is given
+(``occ_eval_fn = density(x) * render_step_size``, ``occ_thre=0.01``): a cell is
+skipped when one step through it would be at most about 1% opaque, whatever the
+step. ``step_size=1`` (the default) thresholds the raw density.
 
 Until the first update every cell is occupied, so a fresh grid never drops
 samples. nerfacc's ``OccGridEstimator`` keeps the same state (``occs``,
@@ -26,15 +33,17 @@ class OccupancyGrid(nn.Module):
     """Binary occupancy over ``aabb`` with EMA density estimates per cell.
 
     Buffers (saved in ``state_dict``): ``aabb`` (6,), ``density`` (X, Y, Z)
-    float estimates, ``mask`` (X, Y, Z) bool, ``step`` () long (updates done).
+    float estimates of ``density * step_size`` (see :meth:`update`), ``mask``
+    (X, Y, Z) bool, ``step`` () long (updates done).
 
     Args:
         aabb: (6,) ``(xmin, ymin, zmin, xmax, ymax, zmax)``.
         resolution: cells per axis, an int or 3 ints.
         ema_decay: factor applied to a visited cell's old estimate, in [0, 1].
-        threshold: density from which a cell is occupied (capped by the mean
-            estimate, as in Instant-NGP, so a low-density field is not pruned
-            away entirely); cells with estimate 0 are never occupied.
+        threshold: estimate (``density * step_size``) from which a cell is
+            occupied (capped by the mean estimate, as in Instant-NGP and
+            nerfacc, so a low-density field is not pruned away entirely);
+            cells with estimate 0 are never occupied.
         warmup_steps: updates with ``step < warmup_steps`` visit every cell.
     """
 
@@ -87,7 +96,7 @@ class OccupancyGrid(nn.Module):
 
     @torch.no_grad()
     def update(self, step: int, density_fn: Callable[[torch.Tensor], torch.Tensor],
-               generator: Optional[torch.Generator] = None) -> None:
+               generator: Optional[torch.Generator] = None, *, step_size: float = 1.0) -> None:
         """One EMA update of the estimates and the mask.
 
         Args:
@@ -98,7 +107,13 @@ class OccupancyGrid(nn.Module):
                 on float32 points on the grid's device.
             generator: random source for the visited cells and points (None: a
                 generator seeded with ``step``).
+            step_size: the estimates track ``density_fn(x) * step_size``; pass
+                the marching step to threshold the optical depth of one step
+                (nerfacc's ``sigma * delta``), 1 to threshold raw density. Keep
+                it fixed over a training run (the estimates mix otherwise).
         """
+        if not step_size > 0:
+            raise ValueError(f"step_size must be > 0, got {step_size}")
         n = self.num_cells
         dev = self.aabb.device
         if generator is None:  # reproducible per step without touching the global RNG
@@ -120,6 +135,8 @@ class OccupancyGrid(nn.Module):
         new = density_fn(pts).reshape(-1).to(self.density.dtype)
         if new.shape[0] != idx.shape[0]:
             raise ValueError(f"density_fn must return ({idx.shape[0]},), got {tuple(new.shape)}")
+        if step_size != 1.0:
+            new = new * step_size
         flat = self.density.reshape(-1)
         # Duplicated indices: keep the largest new value per cell.
         best = torch.zeros_like(flat).scatter_reduce(0, idx, new, reduce="amax", include_self=False)

@@ -147,8 +147,9 @@ def sample_along_rays(origins: torch.Tensor, dirs: torch.Tensor, t_near: torch.T
                       step_size: float, grid=None, *, generator: Optional[torch.Generator] = None,
                       max_samples_per_ray: int = DEFAULT_MAX_SAMPLES_PER_RAY,
                       chunk: int = DEFAULT_CHUNK, jitter_seed: Optional[int] = None,
-                      ray_offset: int = 0) -> RaySamples:
-    """Uniform ray marching with optional empty-space skipping.
+                      ray_offset: int = 0, density_fn: Optional[DensityFn] = None,
+                      alpha_threshold: float = 0.0, early_stop_eps: float = 0.0) -> RaySamples:
+    """Uniform ray marching with optional empty-space skipping and pruning.
 
     Ray r gets the intervals ``[t_near + k h, min(t_near + (k + 1) h, t_far)]``
     for ``k = 0 .. ceil((t_far - t_near) / h) - 1`` (``h = step_size``), so the
@@ -156,6 +157,24 @@ def sample_along_rays(origins: torch.Tensor, dirs: torch.Tensor, t_near: torch.T
     Each interval is evaluated at its midpoint, or, with ``generator``, at a
     uniformly jittered point inside it (stratified sampling). With ``grid``,
     samples whose position lies in an unoccupied cell are dropped.
+
+    With ``density_fn`` (nerfacc's ``OccGridEstimator.sampling(sigma_fn=...,
+    alpha_thre=..., early_stop_eps=...)``), the density of the samples left by
+    the grid is evaluated without autograd, and a sample is dropped when its
+    ``alpha = 1 - exp(-sigma delta) < alpha_threshold`` or when the
+    transmittance before it, ``T = exp(-sum of sigma delta over the earlier
+    candidates of its ray)`` (the dropped low-alpha ones included), is below
+    ``early_stop_eps``. Compositing the kept samples then differs from
+    compositing all candidates by at most ``sum of the dropped alphas +
+    early_stop_eps`` per ray in opacity, and in each colour channel for
+    colours in [0, 1] (each low-alpha drop moves the composite by at most its
+    alpha; everything behind ``T < eps`` weighs less than ``eps``).
+
+    The jitter of candidate k of ray r is ``hashed_uniform(seed, ray_offset + r, k)``
+    (one seed per call, drawn from ``generator`` or given as ``jitter_seed``), so
+    the samples depend only on the seed, the rays, the grid and the density:
+    any chunking, and any subset of the rays marched with its ``ray_offset``,
+    reproduces exactly the samples of one call over all of them.
 
     Vectorised: rays are processed ``chunk`` at a time as a dense (chunk, K)
     table of candidates (K = the chunk's largest sample count), masked, then
@@ -173,6 +192,11 @@ def sample_along_rays(origins: torch.Tensor, dirs: torch.Tensor, t_near: torch.T
             (a subset of the rays of a render reproduces their samples).
         max_samples_per_ray: ValueError when a ray would need more samples.
         chunk: rays per batch (> 0).
+        density_fn: ``positions (S, 3) -> sigma (S,)`` used for pruning (called
+            under ``no_grad``, once per chunk); None disables pruning.
+        alpha_threshold: drop samples with alpha below this (0 keeps all; nerfacc: 0.01).
+        early_stop_eps: drop samples whose transmittance is below this (0
+            keeps all; nerfacc: 1e-4).
 
     Returns:
         :class:`RaySamples` (packed, grouped by ray, in marching order).
@@ -186,6 +210,12 @@ def sample_along_rays(origins: torch.Tensor, dirs: torch.Tensor, t_near: torch.T
         raise ValueError(f"step_size must be > 0, got {step_size}")
     if chunk <= 0:
         raise ValueError(f"chunk must be > 0, got {chunk}")
+    if not (0.0 <= alpha_threshold < 1.0 and 0.0 <= early_stop_eps < 1.0):
+        raise ValueError(f"alpha_threshold and early_stop_eps must be in [0, 1), got "
+                         f"{alpha_threshold}, {early_stop_eps}")
+    prune = alpha_threshold > 0 or early_stop_eps > 0
+    if prune and density_fn is None:
+        raise ValueError("alpha_threshold / early_stop_eps need a density_fn to evaluate the alphas")
     device, dtype = origins.device, origins.dtype
     if jitter_seed is None:
         jitter_seed = jitter_seed_from(generator)
@@ -222,12 +252,35 @@ def sample_along_rays(origins: torch.Tensor, dirs: torch.Tensor, t_near: torch.T
             if grid is not None:
                 keep = grid.occupied(pos)
                 ridx, ts, te, pos = ridx[keep], ts[keep], te[keep], pos[keep]
+            if prune and ridx.numel() > 0:
+                keep = _visible_samples(density_fn, pos, ts, te, ridx - lo, hi - lo, alpha_threshold,
+                                        early_stop_eps)
+                ridx, ts, te, pos = ridx[keep], ts[keep], te[keep], pos[keep]
             parts.append((ridx, ts, te, pos))
     if not parts:
         return RaySamples(torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, dtype=dtype, device=device),
                           torch.zeros(0, dtype=dtype, device=device), torch.zeros(0, 3, dtype=dtype, device=device), n)
     ridx, ts, te, pos = (torch.cat(p) for p in zip(*parts))
     return RaySamples(ridx, ts, te, pos, n)
+
+
+def _visible_samples(density_fn: DensityFn, positions: torch.Tensor, t_starts: torch.Tensor,
+                     t_ends: torch.Tensor, ray_indices: torch.Tensor, n_rays: int, alpha_threshold: float,
+                     early_stop_eps: float) -> torch.Tensor:
+    """(S,) bool: packed samples with ``alpha >= alpha_threshold`` and transmittance ``>= early_stop_eps``.
+
+    ``ray_indices`` in [0, n_rays), grouped by ray; the density is evaluated without autograd.
+    """
+    with torch.no_grad():
+        sigma = density_fn(positions)
+        if sigma.shape != t_starts.shape:
+            raise ValueError(f"density_fn must return ({t_starts.shape[0]},), got {tuple(sigma.shape)}")
+        tau = sigma.to(t_starts.dtype) * (t_ends - t_starts)
+        # The same expression render_weights uses, so "kept" matches the alphas it reports.
+        keep = (1.0 - torch.exp(-tau)) >= alpha_threshold
+        if early_stop_eps > 0:
+            keep &= torch.exp(-_exclusive_segment_cumsum(tau, ray_indices, n_rays)) >= early_stop_eps
+        return keep
 
 
 def _exclusive_segment_cumsum(x: torch.Tensor, ray_indices: torch.Tensor, n_rays: int) -> torch.Tensor:
@@ -301,7 +354,8 @@ def render_rays(field_fn: FieldFn, origins: torch.Tensor, dirs: torch.Tensor, aa
                 chunk: int = DEFAULT_CHUNK, max_samples_per_ray: int = DEFAULT_MAX_SAMPLES_PER_RAY,
                 eps: float = 1e-10, detached_weight_extras: Sequence[str] = (),
                 count_samples: bool = False, jitter_seed: Optional[int] = None,
-                ray_offset: int = 0) -> Dict[str, torch.Tensor]:
+                ray_offset: int = 0, density_fn: Optional[DensityFn] = None, alpha_threshold: float = 0.0,
+                early_stop_eps: float = 0.0) -> Dict[str, torch.Tensor]:
     """Volume-render rays through a radiance field inside ``aabb``.
 
     Rays are processed ``chunk`` at a time (sampling, field evaluation and
@@ -334,6 +388,12 @@ def render_rays(field_fn: FieldFn, origins: torch.Tensor, dirs: torch.Tensor, aa
             values, as DreamFusion's orientation loss wants).
         count_samples: also return ``samples`` (R,) long, the samples each ray
             evaluated (to size later passes over the same rays by memory).
+        density_fn, alpha_threshold, early_stop_eps: prune samples of alpha
+            below ``alpha_threshold`` or transmittance below ``early_stop_eps``
+            before ``field_fn`` is called, with ``density_fn`` (``positions
+            (S, 3) -> sigma (S,)``, the density ``field_fn`` returns, evaluated
+            without autograd); see :func:`sample_along_rays` for the error bound.
+            Defaults: no pruning.
 
     Returns:
         dict with ``color`` (R, 3), ``opacity`` (R,) ``sum_i w_i``, ``depth``
@@ -356,7 +416,8 @@ def render_rays(field_fn: FieldFn, origins: torch.Tensor, dirs: torch.Tensor, aa
         o, d = origins[lo:hi], dirs[lo:hi]
         smp = sample_along_rays(o, d, t_near[lo:hi], t_far[lo:hi], step_size, grid, jitter_seed=jitter_seed,
                                 ray_offset=ray_offset + lo, max_samples_per_ray=max_samples_per_ray,
-                                chunk=hi - lo)
+                                chunk=hi - lo, density_fn=density_fn, alpha_threshold=alpha_threshold,
+                                early_stop_eps=early_stop_eps)
         m = hi - lo
         if count_samples:
             counts.append(torch.bincount(smp.ray_indices, minlength=m))
@@ -406,8 +467,8 @@ def render_rays(field_fn: FieldFn, origins: torch.Tensor, dirs: torch.Tensor, aa
 
 def opacity_from_density(density_fn: DensityFn, origins: torch.Tensor, dirs: torch.Tensor, aabb,
                          step_size: float, grid=None, *, generator: Optional[torch.Generator] = None,
-                         chunk: int = DEFAULT_CHUNK,
-                         max_samples_per_ray: int = DEFAULT_MAX_SAMPLES_PER_RAY) -> torch.Tensor:
+                         chunk: int = DEFAULT_CHUNK, max_samples_per_ray: int = DEFAULT_MAX_SAMPLES_PER_RAY,
+                         alpha_threshold: float = 0.0, early_stop_eps: float = 0.0) -> torch.Tensor:
     """Accumulated opacity from density alone (MPOD123 eq. 3-5), no colour.
 
     ``O = sum_i T_i (1 - exp(-sigma_i delta_i))`` per ray, chunked like
@@ -417,6 +478,8 @@ def opacity_from_density(density_fn: DensityFn, origins: torch.Tensor, dirs: tor
         density_fn: ``positions (S, 3) -> sigma (S,)``.
         origins, dirs, aabb, step_size, grid, generator, chunk, max_samples_per_ray:
             as in :func:`render_rays`.
+        alpha_threshold, early_stop_eps: prune samples (alphas evaluated with
+            ``density_fn`` without autograd) as in :func:`render_rays`; 0 = off.
 
     Returns:
         (R,) opacity in [0, 1] (differentiable w.r.t. the densities).
@@ -430,7 +493,8 @@ def opacity_from_density(density_fn: DensityFn, origins: torch.Tensor, dirs: tor
         hi = min(lo + chunk, n)
         smp = sample_along_rays(origins[lo:hi], dirs[lo:hi], t_near[lo:hi], t_far[lo:hi], step_size, grid,
                                 jitter_seed=seed, ray_offset=lo, max_samples_per_ray=max_samples_per_ray,
-                                chunk=hi - lo)
+                                chunk=hi - lo, density_fn=density_fn, alpha_threshold=alpha_threshold,
+                                early_stop_eps=early_stop_eps)
         if len(smp) == 0:
             parts.append(origins.new_zeros(hi - lo))
             continue

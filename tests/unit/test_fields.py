@@ -10,6 +10,7 @@ from mpod_core.encoding import HashGridConfig
 from mpod_core.fields import (FORMAT_VERSION, NeRFField, NeRFFieldConfig, RadianceField, load_radiance_field,
                               read_settings, save_radiance_field)
 from mpod_core.fields import io as field_io
+from mpod_core.volume import OccupancyGrid
 
 SMALL = NeRFFieldConfig(hash_grid=HashGridConfig(n_levels=4, log2_hashmap_size=12))
 
@@ -196,3 +197,40 @@ def test_config_round_trip_and_validation():
         NeRFField(NeRFFieldConfig(radius=0.0))
     with pytest.raises(ValueError, match="samples_per_ray"):
         RadianceField(SMALL, samples_per_ray=2, backend="torch")
+
+
+def test_grid_tracks_density_times_step_and_pruning_settings_round_trip(tmp_path):
+    f = _perturbed(3)
+    f.update_grid(0, generator=torch.Generator().manual_seed(9))
+    raw = OccupancyGrid(f.aabb, resolution=f.grid.resolution)
+    raw.update(0, f.field.density, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(f.grid.density, raw.density * f.step_size)
+    assert f.alpha_threshold == 0.01 and f.early_stop_eps == 1e-4
+    # Pruning changes the render by little (these thresholds, this field) and only where it prunes.
+    cams = orbit_cameras([15.0], [40.0])
+    with torch.no_grad():
+        pruned = f.render(cams, 20, 20)
+        f.alpha_threshold, f.early_stop_eps = 0.0, 0.0
+        full = f.render(cams, 20, 20)
+    assert 0 < (pruned["opacity"] - full["opacity"]).abs().max() < 0.1
+    f.alpha_threshold, f.early_stop_eps = 0.02, 1e-3
+    g = load_radiance_field(save_radiance_field(f, tmp_path / "f.safetensors"), backend="torch")
+    assert (g.alpha_threshold, g.early_stop_eps) == (0.02, 1e-3)
+    assert torch.equal(g.grid.density, f.grid.density)
+    with pytest.raises(ValueError, match="alpha_threshold"):
+        RadianceField(SMALL, backend="torch", alpha_threshold=1.0)
+
+
+def test_older_field_file_loads_with_default_pruning_and_rescaled_grid(tmp_path):
+    f = _perturbed(4)
+    for step in (0, 16):
+        f.update_grid(step)
+    settings = field_io.settings_of(f)
+    del settings["pruning"], settings["grid"]["estimate"]  # what the previous version wrote
+    state = field_io._state_for_file(f)
+    state["grid.density"] = state["grid.density"] / f.step_size  # it stored the raw density
+    save_file(state, str(tmp_path / "old.safetensors"), metadata={field_io.SETTINGS_KEY: json.dumps(settings)})
+    g = load_radiance_field(tmp_path / "old.safetensors", backend="torch")
+    assert (g.alpha_threshold, g.early_stop_eps) == (0.01, 1e-4)
+    torch.testing.assert_close(g.grid.density, f.grid.density)
+    assert torch.equal(g.grid.mask, f.grid.mask)

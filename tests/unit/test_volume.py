@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from mpod_core.volume.rendering import jitter_seed_from
 from mpod_core.volume import (OccupancyGrid, accumulate, opacity_from_density, ray_aabb, render_rays,
                               render_weights, sample_along_rays)
 
@@ -279,3 +280,242 @@ def test_input_checks():
         render_rays(lambda p, dd: (p, p), o, d, BOX, 0.1)
     with pytest.raises(ValueError, match="resolution"):
         OccupancyGrid(BOX, (4, 4))
+
+
+# --- occupancy on sigma * delta, pruning (alpha threshold, early stop), determinism -------------------
+
+def test_grid_thresholds_sigma_delta_closed_form():
+    # Density 3 for x < 0, 0.5 for x > 0 (x = 0 is a cell face of the 8^3 grid). With step 0.01 the
+    # estimates are 0.03 and 0.005; their mean 0.0175 is above the threshold 0.01, so it applies:
+    # the x < 0 half is occupied, the x > 0 half is not (raw density 0.5 > 0.01 would keep it).
+    h = 0.01
+    density = lambda p: torch.where(p[:, 0] < 0, 3.0, 0.5).to(p.dtype)  # noqa: E731
+    grid = OccupancyGrid(BOX, 8, threshold=0.01)
+    grid.update(0, density, step_size=h)
+    centres = grid.cell_points(torch.arange(8 ** 3)).reshape(8, 8, 8, 3)
+    left = centres[..., 0] < 0
+    torch.testing.assert_close(grid.density[left], torch.full((int(left.sum()),), 3.0 * h))
+    torch.testing.assert_close(grid.density[~left], torch.full((int((~left).sum()),), 0.5 * h))
+    assert grid.mask[left].all() and not grid.mask[~left].any()
+    # Step 0.004: 0.5 * 0.004 = 0.002 is still below, 3 * 0.004 = 0.012 still above.
+    g2 = OccupancyGrid(BOX, 8, threshold=0.01)
+    g2.update(0, density, step_size=0.004)
+    assert torch.equal(g2.mask, left)
+    # Step 0.0025: 3 * 0.0025 = 0.0075 < 0.01, but the mean cap (0.0044) keeps the dense half.
+    g3 = OccupancyGrid(BOX, 8, threshold=0.01)
+    g3.update(0, density, step_size=0.0025)
+    assert torch.equal(g3.mask, left)
+    # Step 0.05: both above (0.15, 0.025): everything occupied.
+    g4 = OccupancyGrid(BOX, 8, threshold=0.01)
+    g4.update(0, density, step_size=0.05)
+    assert g4.mask.all()
+    # Without step_size (1) the raw density is thresholded, as before.
+    g5 = OccupancyGrid(BOX, 8, threshold=0.01)
+    g5.update(0, density)
+    assert g5.mask.all()
+    # A uniform density whose sigma * step is below the threshold stays occupied (mean cap),
+    # and a fresh grid drops nothing.
+    g6 = OccupancyGrid(BOX, 8, threshold=0.01)
+    assert g6.mask.all()
+    g6.update(0, lambda p: torch.full_like(p[:, 0], 0.2), step_size=h)
+    assert g6.mask.all()
+    with pytest.raises(ValueError, match="step_size"):
+        g6.update(1, density, step_size=0.0)
+
+
+def _gauss_density(peak=40.0, std=0.15):
+    return lambda p: peak * torch.exp(-p.pow(2).sum(-1) / (2 * std ** 2))
+
+
+def _reference_keep(sigma, ts, te, ridx, n_rays, alpha_threshold, early_stop_eps):
+    """Per-ray loop (float64): alpha >= threshold and transmittance before the sample >= eps."""
+    keep = torch.zeros(sigma.shape[0], dtype=torch.bool)
+    for r in range(n_rays):
+        idx = (ridx == r).nonzero(as_tuple=True)[0].tolist()
+        depth = 0.0
+        for i in idx:
+            tau = float(sigma[i]) * float(te[i] - ts[i])
+            keep[i] = (1 - math.exp(-tau)) >= alpha_threshold and math.exp(-depth) >= early_stop_eps
+            depth += tau
+    return keep
+
+
+def _grid_rays(n=9, half=0.45, z0=3.0):
+    xy = torch.stack(torch.meshgrid(torch.linspace(-half, half, n, dtype=F64),
+                                    torch.linspace(-half, half, n, dtype=F64), indexing="ij"), -1).reshape(-1, 2)
+    return _down_rays(xy, z0=z0, dtype=F64)
+
+
+@pytest.mark.parametrize("jitter", [False, True])
+def test_pruning_keeps_exactly_the_visible_samples_and_bounds_the_error(jitter):
+    density = _gauss_density()
+    colour = lambda p: torch.sigmoid(3 * p)  # noqa: E731  (in [0, 1])
+    o, d = _grid_rays()
+    n, h, a_thr, eps = o.shape[0], 0.01, 0.01, 1e-4
+    tn, tf, _ = ray_aabb(o, d, BOX)
+    gen = (lambda: torch.Generator().manual_seed(7)) if jitter else (lambda: None)
+    full = sample_along_rays(o, d, tn, tf, h, generator=gen())
+    pruned = sample_along_rays(o, d, tn, tf, h, generator=gen(), density_fn=density, alpha_threshold=a_thr,
+                               early_stop_eps=eps)
+    sig = density(full.positions)
+    keep = _reference_keep(sig, full.t_starts, full.t_ends, full.ray_indices, n, a_thr, eps)
+    alpha = 1 - torch.exp(-sig * (full.t_ends - full.t_starts))
+    by_alpha = alpha < a_thr
+    # Both rules really drop something here, and the sets differ.
+    assert by_alpha.sum() > 100 and (~by_alpha & ~keep).sum() > 100
+    # Exactly the reference set is kept (in particular every sample with alpha >= threshold
+    # before the transmittance falls below eps).
+    assert torch.equal(pruned.positions, full.positions[keep])
+    assert torch.equal(pruned.ray_indices, full.ray_indices[keep])
+    assert torch.equal(pruned.t_starts, full.t_starts[keep]) and torch.equal(pruned.t_ends, full.t_ends[keep])
+
+    # Rendering: pruned vs all samples. Bound per ray: early_stop_eps (everything behind the
+    # stop weighs < eps) + the sum of the alphas dropped by the threshold (removing one sample
+    # of alpha a moves a composite of values in [0, 1] by at most T a <= a).
+    field = _field(density, colour)
+    kw = dict(generator=None)
+    out_full = render_rays(field, o, d, BOX, h, **kw)
+    out_pruned = render_rays(field, o, d, BOX, h, **kw, density_fn=density, alpha_threshold=a_thr,
+                             early_stop_eps=eps)
+    full_mid = sample_along_rays(o, d, tn, tf, h)
+    sig_mid = density(full_mid.positions)
+    alpha_mid = 1 - torch.exp(-sig_mid * (full_mid.t_ends - full_mid.t_starts))
+    low = torch.where(alpha_mid < a_thr, alpha_mid, torch.zeros_like(alpha_mid))
+    bound = eps + torch.zeros(n, dtype=F64).index_add(0, full_mid.ray_indices, low)
+    d_op = (out_full["opacity"] - out_pruned["opacity"]).abs()
+    d_col = (out_full["color"] - out_pruned["color"]).abs().amax(-1)
+    assert (d_op <= bound + 1e-12).all() and (d_col <= bound + 1e-12).all()
+    # The bound is nearly attained (rays grazing the blob, where every step has alpha < 1%,
+    # lose up to ~0.25 of opacity: nerfacc's pruning drops faint matter whole), so a looser
+    # pruning (a larger threshold, a late stop) would break it.
+    assert d_op.max() > 0.7 * bound.max() and bound.max() < 0.35
+    # ... and it is exactly the composite of the kept samples.
+    keep_mid = _reference_keep(sig_mid, full_mid.t_starts, full_mid.t_ends, full_mid.ray_indices, n, a_thr, eps)
+    ri = full_mid.ray_indices[keep_mid]
+    w, _, _ = render_weights(sig_mid[keep_mid], full_mid.t_starts[keep_mid], full_mid.t_ends[keep_mid], ri, n)
+    torch.testing.assert_close(out_pruned["opacity"], accumulate(w, None, ri, n), atol=1e-12, rtol=0)
+    torch.testing.assert_close(out_pruned["color"], accumulate(w, colour(full_mid.positions[keep_mid]), ri, n),
+                               atol=1e-12, rtol=0)
+    # opacity_from_density prunes the same way.
+    op = opacity_from_density(density, o, d, BOX, h, alpha_threshold=a_thr, early_stop_eps=eps)
+    torch.testing.assert_close(op, out_pruned["opacity"], atol=1e-12, rtol=0)
+
+
+def test_early_stop_behind_an_opaque_slab_closed_form():
+    # Slab z in (0, 0.4) of density 50 and a second one behind it, step 0.01 (tau 0.5 per
+    # step), midpoints: the j-th sample in the slab has T = exp(-0.5 j), so exactly
+    # j = 0..18 are kept (exp(-9) >= 1e-4 > exp(-9.5)); nothing of the second slab, nothing
+    # in empty space (alpha 0 < 0.01).
+    front, back = _slab_density(50.0, 0.0, 0.4), _slab_density(50.0, -0.6, -0.2)
+    density = lambda p: front(p) + back(p)  # noqa: E731
+    o, d = _down_rays([[0.0, 0.0], [0.3, -0.6], [-0.8, 0.7]], dtype=F64)
+    tn, tf, _ = ray_aabb(o, d, BOX)
+    smp = sample_along_rays(o, d, tn, tf, 0.01, density_fn=density, alpha_threshold=0.01, early_stop_eps=1e-4)
+    assert torch.bincount(smp.ray_indices, minlength=3).tolist() == [19, 19, 19]
+    z = smp.positions[:, 2]
+    assert (z < 0.4).all() and z.min() > 0.4 - 0.01 * 19 and z.min() < 0.4 - 0.01 * 18
+    op = opacity_from_density(density, o, d, BOX, 0.01, alpha_threshold=0.01, early_stop_eps=1e-4)
+    torch.testing.assert_close(op, torch.full((3,), 1 - math.exp(-9.5), dtype=F64), atol=1e-12, rtol=0)
+    op_full = opacity_from_density(density, o, d, BOX, 0.01)
+    assert ((op_full - op).abs() <= 1e-4).all()  # the early-stop bound
+    # Early stop alone (alpha threshold 0) keeps the empty space in front too.
+    only = sample_along_rays(o, d, tn, tf, 0.01, density_fn=density, early_stop_eps=1e-4)
+    assert torch.bincount(only.ray_indices, minlength=3).tolist() == [60 + 19] * 3
+    with pytest.raises(ValueError, match="density_fn"):
+        sample_along_rays(o, d, tn, tf, 0.01, alpha_threshold=0.01)
+
+
+def test_pruned_gradients_equal_the_gradients_of_the_kept_samples():
+    o, d = _grid_rays(n=6)
+    n, h = o.shape[0], 0.01
+    s = torch.tensor(1.0, dtype=F64, requires_grad=True)
+    c = torch.tensor([0.3, -0.2, 0.5], dtype=F64, requires_grad=True)
+    base = _gauss_density()
+
+    def density(p):
+        return s * base(p)
+
+    def field(p, dirs):
+        return density(p), torch.sigmoid(c + 2 * p)
+
+    def loss(out):
+        return (out["color"] * torch.tensor([1.0, 2.0, 3.0], dtype=F64)).sum() + out["opacity"].pow(2).sum()
+
+    out = render_rays(field, o, d, BOX, h, density_fn=density, alpha_threshold=0.01, early_stop_eps=1e-4)
+    g_pruned = torch.autograd.grad(loss(out), (s, c))
+    # Reference: all samples, composited over the kept ones only (same autograd graph otherwise).
+    tn, tf, _ = ray_aabb(o, d, BOX)
+    full = sample_along_rays(o, d, tn, tf, h)
+    with torch.no_grad():
+        keep = _reference_keep(density(full.positions), full.t_starts, full.t_ends, full.ray_indices, n, 0.01, 1e-4)
+    assert 0 < keep.sum() < 0.5 * len(full)
+    sig, rgb = field(full.positions[keep], None)
+    ri = full.ray_indices[keep]
+    w, _, _ = render_weights(sig, full.t_starts[keep], full.t_ends[keep], ri, n)
+    ref = {"color": accumulate(w, rgb, ri, n), "opacity": accumulate(w, None, ri, n)}
+    g_ref = torch.autograd.grad(loss(ref), (s, c))
+    for a, b in zip(g_pruned, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    assert g_pruned[0].abs() > 1e-3 and g_pruned[1].abs().min() > 1e-3
+
+
+def test_samples_depend_only_on_rays_grid_field_and_generator_state():
+    gen = torch.Generator().manual_seed(11)
+    o = torch.randn(40, 3, generator=gen) * 0.2 + torch.tensor([0.0, 0.0, 3.0])
+    d = torch.nn.functional.normalize(torch.randn(40, 3, generator=gen) * 0.15 + torch.tensor([0.0, 0.0, -1.0]),
+                                      dim=-1)
+    density = _gauss_density(peak=30.0, std=0.3)
+    grid = OccupancyGrid(BOX, 16, warmup_steps=1)
+    grid.update(0, density, step_size=0.02)
+    assert 0 < grid.mask.float().mean() < 0.5
+    seen = []
+
+    def field(p, dirs):
+        seen.append(p.clone())
+        return density(p), torch.sigmoid(p)
+
+    kw = dict(grid=grid, density_fn=density, alpha_threshold=0.01, early_stop_eps=1e-4, chunk=10)
+
+    def render(lo, hi, g):
+        seen.clear()
+        out = render_rays(field, o[lo:hi], d[lo:hi], BOX, 0.02, generator=g, **kw)
+        return out, torch.cat(seen)
+
+    g = torch.Generator().manual_seed(3)
+    state = g.get_state()
+    out1, pos1 = render(0, 40, g)
+    after_one = g.get_state()
+    g.set_state(state)
+    out2, pos2 = render(0, 40, g)
+    assert torch.equal(pos1, pos2) and all(torch.equal(out1[k], out2[k]) for k in out1)
+    # Rays [0, 17) then [17, 40) in two calls (any split, chunk boundaries not aligned), each with the
+    # seed the one call drew and its ray offset, = one call over all (counter-based jitter).
+    g.set_state(state)
+    seed = jitter_seed_from(g)
+    assert torch.equal(g.get_state(), after_one)  # one call draws exactly one seed
+
+    def render_part(lo, hi):
+        seen.clear()
+        out = render_rays(field, o[lo:hi], d[lo:hi], BOX, 0.02, jitter_seed=seed, ray_offset=lo, **kw)
+        return out, torch.cat(seen)
+
+    a, pa = render_part(0, 17)
+    b, pb = render_part(17, 40)
+    assert torch.equal(torch.cat([pa, pb]), pos1)
+    for k in out1:
+        assert torch.allclose(torch.cat([a[k], b[k]]), out1[k], atol=1e-6), k
+    # Pruning draws the same random numbers as no pruning: same generator state afterwards,
+    # and the pruned samples are a subset of the unpruned ones at the same positions.
+    g.set_state(state)
+    seen.clear()
+    render_rays(field, o, d, BOX, 0.02, generator=g, grid=grid, chunk=10)
+    assert torch.equal(g.get_state(), after_one)
+    all_pos = torch.cat(seen)
+    assert len(all_pos) > len(pos1) > 0
+    tn, tf, _ = ray_aabb(o, d, BOX)
+    g.set_state(state)
+    unpruned = sample_along_rays(o, d, tn, tf, 0.02, grid, generator=g, chunk=10)
+    g.set_state(state)
+    pruned = sample_along_rays(o, d, tn, tf, 0.02, grid, generator=g, chunk=10, density_fn=density,
+                               alpha_threshold=0.01, early_stop_eps=1e-4)
+    assert torch.equal(unpruned.positions, all_pos) and torch.equal(pruned.positions, pos1)
