@@ -15,11 +15,12 @@ the same values for the same table:
 
 All levels live in ONE flat parameter ``(n_entries, F)`` with per-level row
 offsets (tinycudann's memory layout), so an evaluation is a few vectorised
-integer ops on ``(N, L, 2)`` tensors per axis, one gather of ``(N, L, 8)`` rows,
-and one weighted sum; there is no Python loop over points, corners or levels.
-The interpolation weights are differentiable in ``x`` (the floor is constant
-almost everywhere), so ``d encoding / d x`` is available for normals, and plain
-autograd is used, so double backward works too.
+int32 ops on ``(L, N, 2)`` tensors per axis and one fused gather + weighted sum
+(``embedding_bag``) of ``(L, N, 8)`` rows; there is no Python loop over points,
+corners or levels. When ``x`` needs no gradient (training the table, inference)
+the table gradient is one scatter-add of ``w * grad`` (a custom autograd
+function); when ``x`` requires grad, plain autograd through a gather and an
+einsum is used, so ``d encoding / d x`` (normals) and double backward work.
 
 Inputs must be in ``[0, 1]^3``: callers map their bounding box into the unit
 cube. Values outside are not an error (indices wrap like tinycudann's) but
