@@ -10,11 +10,14 @@ entries per level; occupancy grid 32^3; float32, CPU):
    ``((color - 0.5)**2).mean() + opacity.mean()``, backward and an Adam step
    (the loop's settings). The field is fresh (blob init) and its occupancy grid
    warmed by ``update_grid`` at steps 0, 16, 32 (still the "visit every cell"
-   warm-up), so empty-space skipping is active. Cases: 64^2 and 128^2 with the
+   warm-up), so empty-space skipping is active, and the field's default pruning
+   (alpha < 0.01, transmittance < 1e-4) is on. Cases: 64^2 and 128^2 with the
    default 256 samples per ray, 64^2 with 128 (a CPU-friendly setting). Time is
    the median over iterations after a warm-up one (``bench/timing.py``), split
    into forward (render + loss) and backward + Adam step; samples are the
-   points the field evaluates per iteration (counted by a hook on the field).
+   points the field evaluates with autograd per iteration (counted by a hook on
+   the field), "no-grad" the grid's survivors whose density the pruning
+   evaluates first (``field.density`` calls during the render).
 2. Peak memory of one 128^2 iteration: RSS growth during the first (cold)
    iteration in a fresh child process (``peak_rss_growth_kib``).
 3. The hash-grid encoding alone, ours vs nerfstudio's pure-torch
@@ -92,11 +95,19 @@ def training_step(field: RadianceField, res: int):
     ``(forward s, backward+step s, samples)`` to."""
     optimiser = torch.optim.Adam(field.field.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-15)
     views, noise = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
-    counts, log = [], []
+    counts, pruned, log = [], [], []
     field.field.register_forward_pre_hook(lambda module, args: counts.append(args[0].shape[0]))
+    density = field.field.density  # the bound method the pruning calls (older versions: never)
+
+    def counting_density(points):
+        pruned.append(points.shape[0])
+        return density(points)
+
+    field.field.density = counting_density
 
     def step():
         counts.clear()
+        pruned.clear()
         t0 = time.perf_counter()
         optimiser.zero_grad(set_to_none=True)
         out = field.render(random_camera(views), res, res, background=1.0, generator=noise)
@@ -104,7 +115,7 @@ def training_step(field: RadianceField, res: int):
         t1 = time.perf_counter()
         loss.backward()
         optimiser.step()
-        log.append((t1 - t0, time.perf_counter() - t1, sum(counts)))
+        log.append((t1 - t0, time.perf_counter() - t1, sum(counts), sum(pruned)))
 
     return step, log
 
@@ -114,23 +125,26 @@ def view_samples(field: RadianceField, res: int):
     gen = torch.Generator().manual_seed(2)
     origins, dirs = (x.reshape(-1, 3) for x in get_rays(random_camera(gen), res, res))
     t_near, t_far, _ = ray_aabb(origins, dirs, field.aabb)
-    return sample_along_rays(origins, dirs, t_near, t_far, field.step_size, field.grid, generator=gen)
+    return sample_along_rays(origins, dirs, t_near, t_far, field.step_size, field.grid, generator=gen,
+                             density_fn=field.field.density, alpha_threshold=field.alpha_threshold,
+                             early_stop_eps=field.early_stop_eps)
 
 
 def bench_iterations(repeats: int):
     print(f"\n1. one iteration (render + stand-in loss + backward + Adam), median of {repeats} after a warm-up")
-    print(f"{'view':>6} {'spr':>4} {'rays':>6} {'samples/it':>11} {'per ray':>8} {'ms/it':>9} "
+    print(f"{'view':>6} {'spr':>4} {'rays':>6} {'samples/it':>11} {'per ray':>8} {'no-grad':>8} {'ms/it':>9} "
           f"{'forward':>9} {'bwd+step':>9} {'ns/sample':>10}")
-    print("-" * 80)
+    print("-" * 89)
     for res, spr in CASES:
         step, log = training_step(warm_field(spr), res)
         total = median_time(step, repeats)
-        fwd, bwd, n = (statistics.median(col) for col in zip(*log[1:]))
+        fwd, bwd, n, m = (statistics.median(col) for col in zip(*log[1:]))
         rays = res * res
-        print(f"{res:>5}² {spr:>4} {rays:>6} {n:>11.0f} {n / rays:>8.1f} {total * 1e3:>9.1f} "
+        print(f"{res:>5}² {spr:>4} {rays:>6} {n:>11.0f} {n / rays:>8.1f} {m:>8.0f} {total * 1e3:>9.1f} "
               f"{fwd * 1e3:>9.1f} {bwd * 1e3:>9.1f} {total / n * 1e9:>10.0f}")
-    print("(spr: samples_per_ray; samples/it: points the field evaluates, per ray: over all rays, "
-          "empty ones included; forward: render + loss)")
+    print("(spr: samples_per_ray; samples/it: points the field evaluates with autograd, per ray: over all "
+          "rays, empty ones included; no-grad: points whose density the pruning evaluates first; "
+          "forward: render + loss)")
 
 
 def child_memory(res: int) -> None:

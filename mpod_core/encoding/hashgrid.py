@@ -15,11 +15,12 @@ the same values for the same table:
 
 All levels live in ONE flat parameter ``(n_entries, F)`` with per-level row
 offsets (tinycudann's memory layout), so an evaluation is a few vectorised
-integer ops on ``(N, L, 2)`` tensors per axis, one gather of ``(N, L, 8)`` rows,
-and one weighted sum; there is no Python loop over points, corners or levels.
-The interpolation weights are differentiable in ``x`` (the floor is constant
-almost everywhere), so ``d encoding / d x`` is available for normals, and plain
-autograd is used, so double backward works too.
+int32 ops on ``(L, N, 2)`` tensors per axis and one fused gather + weighted sum
+(``embedding_bag``) of ``(L, N, 8)`` rows; there is no Python loop over points,
+corners or levels. When ``x`` needs no gradient (training the table, inference)
+the table gradient is one scatter-add of ``w * grad`` (a custom autograd
+function); when ``x`` requires grad, plain autograd through a gather and an
+einsum is used, so ``d encoding / d x`` (normals) and double backward work.
 
 Inputs must be in ``[0, 1]^3``: callers map their bounding box into the unit
 cube. Values outside are not an error (indices wrap like tinycudann's) but
@@ -145,6 +146,12 @@ def spatial_hash(coords: torch.Tensor, log2_hashmap_size: int) -> torch.Tensor:
     return h & ((1 << log2_hashmap_size) - 1)
 
 
+def _int32(v: int) -> int:
+    """``v`` mod 2**32 as a signed int32 value (same low bits)."""
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
 class _LevelConstants:
     """Per-level tensors used by :func:`hash_grid_encode`, cached per (device, dtype)."""
 
@@ -155,43 +162,43 @@ class _LevelConstants:
         assert all(layout.dense[:self.n_dense]) and not any(layout.dense[self.n_dense:])
         # Shapes broadcast against level-major (L, N, ...) tensors.
         self.scales = torch.tensor(layout.scales, dtype=dtype, device=device).view(L, 1, 1)
-        res = torch.tensor(layout.resolutions, dtype=torch.int64, device=device)
-        sizes = torch.tensor(layout.sizes, dtype=torch.int64, device=device)
-        # per-axis multipliers: dense levels (1, R, R^2), hashed levels the primes
-        mult = torch.empty(L, 3, dtype=torch.int64, device=device)
-        mult[:, 0] = 1
-        mult[:, 1] = res
-        mult[:, 2] = res * res
-        mult[self.n_dense:, 1] = HASH_PRIMES[1]
-        mult[self.n_dense:, 2] = HASH_PRIMES[2]
-        self.mult = mult.view(L, 1, 1, 3)
-        self.sizes5 = sizes.view(L, 1, 1, 1, 1)
-        self.offsets5 = torch.tensor(layout.offsets, dtype=torch.int64, device=device).view(L, 1, 1, 1, 1)
+        # Index arithmetic in int32: products wrap mod 2^32 exactly like tinycudann's uint32 hash
+        # (the mask keeps the low bits), dense indices and row offsets are < 2^31 (checked).
+        # Half the memory traffic of int64 on these (L, N, 8) tensors.
+        self.index_dtype = torch.int32 if layout.n_entries < (1 << 31) - 1 else torch.int64
+        idt = self.index_dtype
+        conv = _int32 if idt == torch.int32 else (lambda v: v)
+        mult = [[1, r, r * r] for r in layout.resolutions[:self.n_dense]]
+        mult += [[conv(p) for p in HASH_PRIMES]] * (L - self.n_dense)
+        self.mult = torch.tensor(mult, dtype=idt, device=device).view(L, 1, 1, 3)
+        self.sizes5 = torch.tensor(layout.sizes, dtype=idt, device=device).view(L, 1, 1, 1, 1)
+        self.offsets5 = torch.tensor(layout.offsets, dtype=idt, device=device).view(L, 1, 1, 1, 1)
         self.hash_mask = (1 << config.log2_hashmap_size) - 1
-        self.unit = torch.tensor([0, 1], dtype=torch.int64, device=device).view(1, 1, 2, 1)
+        self.unit = torch.tensor([0, 1], dtype=idt, device=device).view(1, 1, 2, 1)
 
 
-def _encode_chunk(x: torch.Tensor, table: torch.Tensor, k: _LevelConstants) -> torch.Tensor:
-    # Level-major throughout: all points of level 0, then level 1, ... so the gather
-    # (and the scatter of its backward) touches one level's table at a time, which
-    # stays in the CPU cache (2^19 x 2 float32 = 4 MiB), instead of all 16 at once
-    # (40% faster at 80k points on a 2-core CPU, identical values).
+def _corners(x: torch.Tensor, k: _LevelConstants):
+    """Table rows ``(L, N, 8)`` (int32/int64) and trilinear weights ``(L, N, 8)`` of the cell corners.
+
+    Level-major: all points of level 0, then level 1, ... so the gather (and the scatter of its
+    backward) touches one level's table at a time, which stays in the CPU cache
+    (2^19 x 2 float32 = 4 MiB), instead of all 16 at once. Corner order (x-bit, y-bit, z-bit).
+    The weights are differentiable in ``x`` (the floor is constant almost everywhere).
+    """
     n = x.shape[0]
     L = k.scales.shape[0]
-    F = table.shape[1]
     pos = x.unsqueeze(0) * k.scales + 0.5                      # (L, N, 3)
     floor = torch.floor(pos)
-    frac = pos - floor                                         # differentiable in x
+    frac = pos - floor
     # Corner coordinates per axis, already multiplied by the level's per-axis factor
     # ((1, R, R^2) dense, the primes hashed): (L, N, 2, 3), 2 = {floor, floor + 1}
-    c = (floor.to(torch.int64).unsqueeze(2) + k.unit) * k.mult
+    c = (floor.to(k.index_dtype).unsqueeze(2) + k.unit) * k.mult
     cx, cy, cz = c[..., 0], c[..., 1], c[..., 2]               # each (L, N, 2)
     nd = k.n_dense
-    # (L, N, 2, 2, 2) corner indices, written level group by level group (no cat)
-    idx = torch.empty(L, n, 2, 2, 2, dtype=torch.int64, device=x.device)
+    idx = torch.empty(L, n, 2, 2, 2, dtype=k.index_dtype, device=x.device)
     if nd > 0:   # dense: i + j R + k R^2, wrapped like tinycudann for points on the far face
         d = idx[:nd]
-        d.copy_(cx[:nd, :, :, None, None] + cy[:nd, :, None, :, None] + cz[:nd, :, None, None, :])
+        torch.add(cx[:nd, :, :, None, None] + cy[:nd, :, None, :, None], cz[:nd, :, None, None, :], out=d)
         d.remainder_(k.sizes5[:nd])
         d.add_(k.offsets5[:nd])
     if nd < L:   # hashed: xor of the prime-multiplied coordinates, mod 2^log2_hashmap_size
@@ -199,15 +206,73 @@ def _encode_chunk(x: torch.Tensor, table: torch.Tensor, k: _LevelConstants) -> t
         torch.bitwise_xor(cx[nd:, :, :, None, None] ^ cy[nd:, :, None, :, None], cz[nd:, :, None, None, :], out=h)
         h.bitwise_and_(k.hash_mask)
         h.add_(k.offsets5[nd:])
-    feats = table.index_select(0, idx.reshape(-1)).view(L, n, 8, F)               # ONE gather
-    # Trilinear weights, corner order (x-bit, y-bit, z-bit) as in the index above
     w1 = frac
     w0 = 1.0 - frac
     wx = torch.stack((w0[..., 0], w1[..., 0]), dim=-1)         # (L, N, 2)
     wy = torch.stack((w0[..., 1], w1[..., 1]), dim=-1)
     wz = torch.stack((w0[..., 2], w1[..., 2]), dim=-1)
-    w = (wx[..., :, None, None] * wy[..., None, :, None] * wz[..., None, None, :]).reshape(L, n, 8)
-    out = torch.einsum("lnk,lnkf->lnf", w, feats)             # (L, N, F)
+    w = ((wx[..., :, None] * wy[..., None, :])[..., None] * wz[..., None, None, :]).reshape(L, n, 8)
+    return idx.view(L, n, 8), w
+
+
+def _interpolate(table: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``sum_k w[..., k] * table[idx[..., k]]`` for ``(L, N, 8)`` idx and w: ``(L, N, F)``, no autograd.
+
+    ``embedding_bag(mode="sum", per_sample_weights=...)`` fuses the gather and the weighted sum
+    (no (L, N, 8, F) temporary).
+    """
+    L, n, _ = idx.shape
+    out = torch.nn.functional.embedding_bag(idx.reshape(-1, 8), table, per_sample_weights=w.reshape(-1, 8),
+                                            mode="sum")
+    return out.view(L, n, table.shape[1])
+
+
+class _InterpolateTable(torch.autograd.Function):
+    """:func:`_interpolate` differentiable w.r.t. the table only (weights constant: x needs no grad).
+
+    The backward scatters ``w * grad`` into a zero table with ONE ``index_add_`` on the table
+    viewed as complex numbers when F = 2 (one 8-byte row per corner; the 2-D ``index_add`` /
+    ``embedding_bag`` backwards are 3-10x slower on CPU).
+    """
+
+    @staticmethod
+    def forward(ctx, table, idx, w):
+        ctx.save_for_backward(idx, w)
+        ctx.table_shape = table.shape
+        return _interpolate(table, idx, w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        idx, w = ctx.saved_tensors
+        n_entries, F = ctx.table_shape
+        src = (w.unsqueeze(-1) * grad.unsqueeze(2)).reshape(-1, F)       # (L N 8, F)
+        flat = idx.reshape(-1)
+        if F == 2 and src.dtype in (torch.float32, torch.float64):
+            cdt = torch.complex64 if src.dtype == torch.float32 else torch.complex128
+            g = torch.zeros(n_entries, dtype=cdt, device=src.device)
+            g.index_add_(0, flat, src.view(cdt).view(-1))
+            return torch.view_as_real(g), None, None
+        g = torch.zeros(n_entries, F, dtype=src.dtype, device=src.device)
+        return g.index_add_(0, flat, src), None, None
+
+
+def _encode_chunk(x: torch.Tensor, table: torch.Tensor, k: _LevelConstants) -> torch.Tensor:
+    n = x.shape[0]
+    L = k.scales.shape[0]
+    F = table.shape[1]
+    grad = torch.is_grad_enabled()
+    if grad and x.requires_grad:
+        # Plain autograd (gather + einsum), so d/dx and double backward work.
+        idx, w = _corners(x, k)
+        feats = table.index_select(0, idx.reshape(-1)).view(L, n, 8, F)
+        out = torch.einsum("lnk,lnkf->lnf", w, feats)
+    else:
+        with torch.no_grad():
+            idx, w = _corners(x, k)
+        if grad and table.requires_grad:
+            out = _InterpolateTable.apply(table, idx, w)
+        else:
+            out = _interpolate(table, idx, w)
     return out.permute(1, 0, 2).reshape(n, L * F)
 
 
