@@ -46,7 +46,8 @@ def _trainable_copy(field: RadianceField, backend: str, device) -> RadianceField
     """A fresh, trainable copy (ComfyUI caches node outputs: never train the upstream object;
     its tensors may also be inference tensors, which autograd refuses)."""
     copy = RadianceField(field.config, samples_per_ray=field.samples_per_ray,
-                         grid_resolution=field.grid.resolution[0], backend=backend, meta=dict(field.meta))
+                         grid_resolution=field.grid.resolution[0], backend=backend, meta=dict(field.meta),
+                         alpha_threshold=field.alpha_threshold, early_stop_eps=field.early_stop_eps)
     copy.grid.ema_decay, copy.grid.threshold, copy.grid.warmup_steps = (
         field.grid.ema_decay, field.grid.threshold, field.grid.warmup_steps)
     state = {k: v.detach().clone() for k, v in field.state_dict().items()}

@@ -283,10 +283,12 @@ def stage1_optimizer(field: RadianceField, config: Stage1Config) -> torch.optim.
     named = list(field.field.named_parameters())
     enc = [p for n, p in named if n.startswith("encoding.")]
     rest = [p for n, p in named if not n.startswith("encoding.")]
-    optimiser = torch.optim.Adam(
-        [{"params": enc, "lr": config.learning_rate * config.encoding_lr_scale, "name": "encoding"},
-         {"params": rest, "lr": config.learning_rate, "name": "mlp"}],
-        betas=(0.9, 0.99), eps=1e-15)
+    groups = [{"params": enc, "lr": config.learning_rate * config.encoding_lr_scale, "name": "encoding"},
+              {"params": rest, "lr": config.learning_rate, "name": "mlp"}]
+    try:  # the fused kernel steps the 12.6M parameters ~4x faster on a CPU (bench/README.md); same maths
+        optimiser = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # a device or dtype the fused kernel does not support
+        optimiser = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
     for name, p in named:
         saved = field.optimizer_state.get(name)
         if saved is None or saved["exp_avg"].numel() != p.numel():

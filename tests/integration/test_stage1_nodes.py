@@ -175,8 +175,7 @@ def test_memory_stays_bounded_at_512(comfy_server, zero123_checkpoint, disc):
             comfy_server.run(prompt, timeout=1500)
             seconds = time.monotonic() - t0
         growth[res] = (meter.peak - baseline) / 2 ** 30
-        print(f"
-Zero123 SDS NeRF at {res}^2, 2 iterations: peak +{growth[res]:.2f} GiB above "
+        print(f"\nZero123 SDS NeRF at {res}^2, 2 iterations: peak +{growth[res]:.2f} GiB above "
               f"{baseline / 2 ** 30:.2f} GiB (models loaded), {seconds:.0f} s")
     assert growth[512] <= 4.0, growth
 
