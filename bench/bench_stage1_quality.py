@@ -57,6 +57,8 @@ def config_for(run: str, iterations: int, seed: int) -> Stage1Config:
         cfg = Stage1Config(coarse_levels=FIELD.hash_grid.n_levels // 2, **common)
     elif run == "no-regularisers":
         cfg = Stage1Config(coarse_levels=FIELD.hash_grid.n_levels // 2, **NO_REGULARISERS, **common)
+    elif run == "no-normal-smooth":
+        cfg = Stage1Config(coarse_levels=FIELD.hash_grid.n_levels // 2, lambda_normal_smooth=0.0, **common)
     elif run == "sparsity-2":
         cfg = Stage1Config(coarse_levels=FIELD.hash_grid.n_levels // 2, lambda_sparsity=2.0, **common)
     elif run == "previous":

@@ -26,6 +26,8 @@ from ..encoding import HashGridConfig, HashGridEncoding
 
 #: The ways :meth:`NeRFField.normals` can compute normals.
 NORMAL_TYPES = ("analytic", "finite_difference")
+#: Points per autograd graph when analytic normals are computed without recording.
+NORMAL_CHUNK = 1 << 16
 
 
 @dataclass
@@ -173,14 +175,20 @@ class NeRFField(nn.Module):
             (N, 3) unit vectors pointing out of the matter (towards lower
             density); differentiable w.r.t. the field's parameters.
         """
+        if points.shape[0] == 0:
+            return points.new_zeros(0, 3)
         if self.config.normal_type == "analytic":
             record = torch.is_grad_enabled()
-            with torch.enable_grad():
-                x = points.detach().requires_grad_(True)
-                sigma = self.density(x)
-                grad, = torch.autograd.grad(sigma.sum(), x, create_graph=record)
-            if not record:
-                grad = grad.detach()
+            # Not recording: the graph of each chunk is freed before the next (bounded memory).
+            step = points.shape[0] if record else NORMAL_CHUNK
+            parts = []
+            for lo in range(0, points.shape[0], max(step, 1)):
+                with torch.enable_grad():
+                    x = points[lo:lo + step].detach().requires_grad_(True)
+                    sigma = self.density(x)
+                    grad, = torch.autograd.grad(sigma.sum(), x, create_graph=record)
+                parts.append(grad if record else grad.detach())
+            grad = torch.cat(parts) if len(parts) != 1 else parts[0]
             return -F.normalize(grad, dim=-1, eps=1e-12)
         eps = self.config.normal_eps
         offsets = torch.eye(3, dtype=points.dtype, device=points.device) * eps
