@@ -48,8 +48,8 @@ class LoadMesh(io.ComfyNode):
                                             "with several objects becomes one mesh, their placements applied.")],
         )
 
-    @classmethod
-    def validate_inputs(cls, mesh_file: str, **_) -> bool | str:
+    @classmethod  # named arguments only: with **kwargs ComfyUI skips its own range/option checks of every input
+    def validate_inputs(cls, mesh_file: str) -> bool | str:
         try:
             path = bridge.resolve_input_file(mesh_file)
         except ValueError as exc:

@@ -196,8 +196,8 @@ class Zero123SDSNeRF(io.ComfyNode):
             ],
         )
 
-    @classmethod
-    def validate_inputs(cls, batch_size: int = 1, guidance_resolution: int = 256, **_) -> bool | str:
+    @classmethod  # named arguments only: with **kwargs ComfyUI skips its own range/option checks of every input
+    def validate_inputs(cls, batch_size: int, guidance_resolution: int) -> bool | str:
         pixels = int(batch_size) * int(guidance_resolution) ** 2
         if pixels > MAX_GUIDANCE_PIXELS:
             return (f"Zero123 SDS NeRF: batch_size x guidance_resolution^2 = {pixels} exceeds {MAX_GUIDANCE_PIXELS} "
@@ -396,8 +396,8 @@ class LoadRadianceField(io.ComfyNode):
             outputs=[RadianceFieldType.Output("field", display_name="field")],
         )
 
-    @classmethod
-    def validate_inputs(cls, field_file: str, **_) -> bool | str:
+    @classmethod  # named arguments only: with **kwargs ComfyUI skips its own range/option checks of every input
+    def validate_inputs(cls, field_file: str) -> bool | str:
         try:
             path = bridge.resolve_input_or_output_file(field_file)
         except ValueError as exc:

@@ -118,7 +118,8 @@ def read_settings(path: PathLike) -> dict:
     version = settings.get("version")
     if version not in READABLE_VERSIONS:
         raise ValueError(f"{path.name} was saved in radiance-field format version {version}; this version of "
-                         f"the pack reads versions {', '.join(map(str, READABLE_VERSIONS))}. Re-create the field with this version, "
+                         f"the pack reads versions {', '.join(map(str, READABLE_VERSIONS))}. "
+                         f"Re-create the field with this version, "
                          f"or load it with the pack version that saved it.")
     return settings
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from harness.comfy_server import ExecutionError
+from harness.comfy_server import ExecutionError, PromptRejected
 from harness.gltf import validate_gltf
 from harness.progress import interrupt_after
 from harness.workflow_convert import ui_to_api
@@ -237,3 +237,16 @@ def test_interrupt_stops_the_run_and_writes_nothing(comfy_server, zero123_checkp
     assert not any(f.name.startswith("interrupted") for f in _field_files(comfy_server, "fields"))
     assert not list(comfy_server.output_dir.rglob("*.part"))
     print(f"\ninterrupted after {done} iterations, stopped {stopped_after:.1f} s later")
+
+
+@pytest.mark.parametrize("widgets,limit", [
+    ({"batch_size": 4, "guidance_resolution": 512}, str(4 * 256 * 256)),  # the encoder's backward memory
+    ({"samples_per_ray": 4096}, "1024"),                                  # the ray marcher's cap
+    ({"resolution": 4096}, "2048"),                                       # the render size cap
+])
+def test_sizes_the_machine_cannot_hold_are_refused_in_validation(comfy_server, zero123_checkpoint, disc,
+                                                                  widgets, limit):
+    with pytest.raises(PromptRejected) as info:
+        comfy_server.queue(_nerf_prompt(zero123_checkpoint, disc, "fields/never_sized", **widgets))
+    errors = json.dumps(info.value.node_errors.get("3", {}))
+    assert limit in errors, info.value.response

@@ -182,7 +182,8 @@ def test_other_presets_and_custom():
     with pytest.raises(ValueError, match="timestep_preset"):
         Stage1Config(timestep_preset="nope").validate()
     with pytest.raises(ValueError, match="anneal_end"):
-        Stage1Config(timestep_preset="custom", custom_timesteps=TimestepSchedule(0.2, 0.6, 0.1, 0.2, 0.5, 0.2)).validate()
+        Stage1Config(timestep_preset="custom",
+                     custom_timesteps=TimestepSchedule(0.2, 0.6, 0.1, 0.2, 0.5, 0.2)).validate()
 
 
 # ------------------------------------------------------ optimiser and resuming
