@@ -393,8 +393,10 @@ def test_chunking_does_not_change_the_result():
     assert torch.equal(full, tiny)
     a = render_mesh(v, f, cams, 40, 30, backend="torch")
     b = render_mesh(v, f, cams, 40, 30, backend="torch", views_per_chunk=1)
-    for name in ("color", "alpha", "depth", "normal", "triangle_id", "rast"):
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert torch.equal(a.triangle_id, b.triangle_id)  # coverage is exact
+    for name in ("color", "alpha", "depth", "normal", "rast"):
+        # float shading may differ in the last bits: batched kernels split work by the batch size
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-4, atol=1e-4, msg=name)
 
 
 # ----------------------------------------------------------------------------- textures
