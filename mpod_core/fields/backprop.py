@@ -18,7 +18,9 @@ and the occupancy grid and the field do not change in between. Blocks are cut
 by the samples each ray evaluated in step 1, so a block holds at most about
 ``grad_sample_budget`` samples in its graph at any resolution. When the whole
 render cannot exceed the budget (rays x samples_per_ray <= budget), one pass
-with autograd is used instead (same gradients, no second render).
+with autograd is used instead (same gradients, no second render), and also when the caller's
+estimate of the samples (e.g. the previous iteration's count) is at most half
+the budget.
 """
 from __future__ import annotations
 
@@ -63,7 +65,8 @@ def render_and_backprop(field: RadianceField, cameras: Cameras, width: int, heig
                         *, shadings: Optional[Sequence[Optional[Shading]]] = None, background=None,
                         with_normals: bool = False, generator: Optional[torch.Generator] = None,
                         grad_sample_budget: int = DEFAULT_GRAD_SAMPLE_BUDGET, chunk: int = DEFAULT_CHUNK,
-                        check_finite: Optional[Callable[[torch.Tensor], None]] = None
+                        check_finite: Optional[Callable[[torch.Tensor], None]] = None,
+                        expected_samples: Optional[int] = None
                         ) -> Tuple[torch.Tensor, Dict[str, float], Dict[str, torch.Tensor]]:
     """Render ``cameras``, evaluate ``loss_fn`` and accumulate its parameter gradients.
 
@@ -80,9 +83,13 @@ def render_and_backprop(field: RadianceField, cameras: Cameras, width: int, heig
         chunk: rays per marching batch.
         check_finite: called with the detached loss before any gradient is
             propagated (may raise, e.g. on a non-finite loss).
+        expected_samples: an estimate of the samples this render evaluates (e.g.
+            from the previous iteration's ``samples``); one pass with autograd is
+            used when twice the estimate fits the budget.
 
     Returns:
-        (loss detached, terms, outputs detached (N, H, W, ...)).
+        (loss detached, terms, outputs detached (N, H, W, ...), including
+        ``samples`` (N, H, W) long: the samples each pixel's ray evaluated).
     """
     n = len(cameras)
     if shadings is None:
@@ -104,10 +111,11 @@ def render_and_backprop(field: RadianceField, cameras: Cameras, width: int, heig
 
     def images(parts: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         return {k: torch.cat([p[k] for p in parts]).reshape(n, height, width, *parts[0][k].shape[1:])
-                for k in parts[0] if k != "samples"}
+                for k in parts[0]}
 
-    if n * per_view * field.samples_per_ray <= grad_sample_budget:
-        out = images([render_view(v) for v in range(n)])
+    worst = n * per_view * field.samples_per_ray
+    if worst <= grad_sample_budget or (expected_samples is not None and 2 * expected_samples <= grad_sample_budget):
+        out = images([render_view(v, count=True) for v in range(n)])
         loss, terms = loss_fn(out)
         if check_finite is not None:
             check_finite(loss.detach())

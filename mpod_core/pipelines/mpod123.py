@@ -402,6 +402,7 @@ def fit_stage1(image: torch.Tensor, mask: torch.Tensor, denoiser: Denoiser, conf
     with_normals = config.lambda_orient > 0 or config.lambda_normal_smooth > 0
     history: Dict[str, List[Tuple[int, float]]] = {}
     coarse_until = config.coarse_fraction * total if config.coarse_levels > 0 else 0.0
+    samples_per_ray_seen: Dict[str, float] = {}
 
     def check_finite(loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
@@ -432,7 +433,7 @@ def fit_stage1(image: torch.Tensor, mask: torch.Tensor, denoiser: Denoiser, conf
                 field.update_grid(step)
             optimiser.zero_grad(set_to_none=True)
             if float(torch.rand(1, generator=views_gen)) < config.reference_probability:
-                cams, shadings, loss_fn = ref_cam, None, reference_loss
+                kind, cams, shadings, loss_fn = "reference", ref_cam, None, reference_loss
             else:
                 b = config.batch_size
                 elev = _uniform(views_gen, b, *config.elevation_range)
@@ -441,11 +442,15 @@ def fit_stage1(image: torch.Tensor, mask: torch.Tensor, denoiser: Denoiser, conf
                 views = ViewCondition(elevation=elev, azimuth=azim,
                                       distance=torch.full((b,), float(config.distance), dtype=torch.float64))
                 shadings = [draw_shading(config, step / total, cams.centers[k], views_gen) for k in range(b)]
-                loss_fn = novel_loss
+                kind, loss_fn = "novel", novel_loss
+            # samples per ray of the last render of this kind: a one-pass backward when they fit the budget
+            per_ray = samples_per_ray_seen.get(kind)
             _, terms, out = render_and_backprop(
                 field, cams, res, res, lambda o: _with_float_terms(loss_fn(o)), shadings=shadings,
                 background=config.background, with_normals=with_normals, generator=rays_gen,
-                grad_sample_budget=config.grad_sample_budget, check_finite=check_finite)
+                grad_sample_budget=config.grad_sample_budget, check_finite=check_finite,
+                expected_samples=None if per_ray is None else int(per_ray * len(cams) * res * res))
+            samples_per_ray_seen[kind] = float(out["samples"].float().mean())
             for name, value in terms.items():
                 history.setdefault(name, []).append((step, value))
             optimiser.step()

@@ -264,15 +264,18 @@ def test_two_pass_backward_equals_the_plain_backward():
 
     shadings = [Shading("lambertian", torch.tensor([0.0, 0.6, 0.8]), 0.3), Shading("normal")]
 
-    def run(budget):
+    def run(budget, expected=None):
         field.zero_grad()
         loss, _, out = render_and_backprop(field, cams, 20, 20, loss_fn, shadings=shadings, background=1.0,
                                            with_normals=True, generator=torch.Generator().manual_seed(3),
-                                           grad_sample_budget=budget, chunk=64)
+                                           grad_sample_budget=budget, chunk=64, expected_samples=expected)
         return loss, out, [p.grad.clone() for p in field.parameters()]
 
     loss_a, out_a, grads_a = run(10 ** 9)   # one pass with autograd
     loss_b, out_b, grads_b = run(300)       # no-grad render, then many small blocks
+    assert torch.equal(out_a["samples"], out_b["samples"]) and int(out_a["samples"].sum()) > 600
+    _, _, grads_c = run(300, expected=100)  # an estimate within half the budget: one pass again
+    assert all(torch.equal(a, c) for a, c in zip(grads_a, grads_c))
     assert float(loss_a) == pytest.approx(float(loss_b), rel=1e-6)
     for a, b in zip(grads_a, grads_b):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7 * float(a.abs().max())), float((a - b).abs().max())
