@@ -223,8 +223,11 @@ with torch.inference_mode(False):
     g = torch.Generator().manual_seed(1)
     x_t = torch.randn(1, 4, 8, 8, generator=g)
     t = torch.tensor([600])
-    with d:
-        eps_ours = d.predict_noise(x_t, t, 3.0, target)
+    # eps against core's: a reference at elevation 0 (where both embeddings agree), same relative view
+    d0 = ComfyZero123Denoiser(m, cv, vae, ref.clone(), (0.0, ref_view[1]))
+    target0 = ViewCondition(torch.tensor([15.0]), target.azimuth, target.distance)
+    with d0:
+        eps_ours = d0.predict_noise(x_t, t, 3.0, target0)
     eps_core = core_eps(m, pos, neg, x_t, t, 3.0)
     res["z123_eps_maxdiff"] = float((eps_ours - eps_core).abs().max())
     res["z123_eps_std"] = float(eps_core.std())
@@ -256,7 +259,7 @@ with torch.inference_mode(False):
     res["z123_encoder_dtype_bf16_vae"] = str(next(d16._encoder.parameters()).dtype)
     with torch.enable_grad():
         res["z123_encode_bf16_vae_maxdiff"] = float((d16.encode(img.detach()) - lat.detach()).abs().max())
-del m, vae, cv, d, d16
+del m, vae, cv, d, d0, d16
 
 # ---- SD 1.5
 with torch.inference_mode():
