@@ -175,6 +175,7 @@ def test_chunked_inference_equals_single_pass():
     torch.testing.assert_close(chunked, whole.detach(), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_fits_a_3d_function():
     torch.manual_seed(0)
     cfg = HashGridConfig(n_levels=8, n_features_per_level=2, log2_hashmap_size=14, base_resolution=4,

@@ -81,6 +81,7 @@ def test_normals_match_autograd_gradient_on_a_perturbed_field():
     assert cos.min() > 0.95, cos
 
 
+@pytest.mark.slow
 def test_losses_on_analytic_normals_reach_the_weights_gradcheck():
     """Double backward through the hash grid and the MLP, float64 gradcheck on the first layer."""
     torch.manual_seed(0)

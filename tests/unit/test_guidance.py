@@ -14,12 +14,14 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from mpod_core.configdoc import field_docs
 from mpod_core.guidance import (WEIGHTINGS, Denoiser, OracleDenoiser, SDSConfig, ViewCondition,
                                 scaled_linear_alphas_cumprod, sds_image_loss, sds_loss,
                                 timestep_bounds)
@@ -398,21 +400,31 @@ def test_config_validation(kwargs, match):
         sds_loss(x, oracle, cfg, noise=noise)
 
 
+# What the rest of the pack relies on: the fields the SDS Image Fit node and TimestepSchedule.sds_config
+# pass by name, with threestudio's SD-guidance defaults (guidance.guidance_scale 100, min_step_percent
+# 0.02, max_step_percent 0.98, weighting "sds"; no anneal, no clip). New fields may be added freely.
+REQUIRED_SDS_DEFAULTS = {
+    "guidance_scale": 100.0, "min_step": 0.02, "max_step": 0.98,
+    "anneal_min_step": None, "anneal_max_step": None, "anneal_steps": 0, "anneal_start_step": 0,
+    "weighting": "sds", "grad_clip": None,
+}
+
+
 def test_default_config_is_valid_and_documented():
     SDSConfig().validate()
     SDSConfig(min_step=0.4, max_step=0.85, anneal_min_step=0.2, anneal_max_step=0.5,
               anneal_steps=200).validate()
-    import ast
-    import inspect
-    from mpod_core.guidance import sds
-    tree = ast.parse(inspect.getsource(sds.SDSConfig))
-    body = tree.body[0].body
-    fields = [n.target.id for n in body if isinstance(n, ast.AnnAssign)]
-    for i, node in enumerate(body):
-        if isinstance(node, ast.AnnAssign):
-            nxt = body[i + 1]
-            assert isinstance(nxt, ast.Expr) and isinstance(nxt.value.value, str), node.target.id
-    assert len(fields) == 9
+    default = SDSConfig()
+    fields = {f.name: f for f in dataclasses.fields(SDSConfig)}
+    missing = sorted(set(REQUIRED_SDS_DEFAULTS) - set(fields))
+    assert not missing, f"SDSConfig lost fields the nodes and schedules set: {missing}"
+    for name, value in REQUIRED_SDS_DEFAULTS.items():
+        assert getattr(default, name) == value, (name, getattr(default, name), value)
+    # Every field, old or new, has a default (SDSConfig() above) and a docstring: field_docs is
+    # where node tooltips come from, so an undocumented field would show an empty tooltip.
+    docs = field_docs(SDSConfig)
+    undocumented = sorted(name for name in fields if not docs.get(name, "").strip())
+    assert not undocumented, f"SDSConfig fields without a docstring: {undocumented}"
 
 
 def test_input_checks():

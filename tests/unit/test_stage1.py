@@ -70,6 +70,7 @@ def _oracle_run(iterations, res=64, **settings):
     return result, oracle.compare(result.field, *HELD_OUT), time.perf_counter() - t0
 
 
+@pytest.mark.slow
 def test_stage1_with_a_multi_view_oracle_recovers_the_silhouettes():
     """IoU >= 0.9 at four held-out views with the node's defaults (figures: bench/README.md)."""
     iterations = ORACLE_ITERATIONS
