@@ -67,26 +67,29 @@ def test_ot_reaches_an_object_that_does_not_overlap_its_target_where_l2_gets_stu
 RATE_SEEDS = (1, 2, 3, 4)
 
 
-def _placed(loss, seed):
-    """Per object of a seeded 2-object scene (32², 200 iterations, object 0 started clear of its target):
-    whether its translation ends within 2% of the scene's size."""
+def _translation_errors(loss, seed):
+    """Per object of a seeded 2-object scene (32², 200 iterations, object 0 started clear of its
+    target): the final translation error relative to the scene's size."""
     scene = make_scene(2, seed=seed, resolution=32)
     t0, s0 = perturb(scene, seed=seed + 100, no_overlap=True)
     res = align_layout(scene.objects, t0, s0, scene.camera, scene.image, scene.mask,
                        LayoutConfig(iterations=200, loss=loss, ot=OTLossConfig(beta=0.0)))
-    return (res.translations - scene.translations).norm(dim=-1) / scene.extent < 0.02
+    return (res.translations - scene.translations).norm(dim=-1) / scene.extent
 
 
 @pytest.mark.slow
 def test_ot_places_most_objects_over_seeded_scenes_where_l2_does_not():
-    """The recovery rate over several scenes, not one chosen scene. Thresholds from
-    ``bench/bench_layout.py --only rate`` (seeds 1-6, same settings; table in bench/README.md):
-    OT placed 12/12 objects, L2 RATE_L2, OT with a wrong transport plan RATE_BROKEN. "Placed"
-    is the translation alone: at 32² a 5% scale error is half a pixel of these objects."""
-    ot = torch.cat([_placed("ot", seed) for seed in RATE_SEEDS]).float()
-    l2 = torch.cat([_placed("l2", seed) for seed in RATE_SEEDS]).float()
-    assert ot.mean() >= 0.8, ot
-    assert l2.mean() <= 0.6, l2
+    """The rate over several scenes, not one chosen scene; an object is placed when its translation
+    error is < 2% of the scene (at 32² a 5% scale error is half a pixel of these objects, so scales
+    are left to the 64² test above). Thresholds from ``bench/bench_layout.py --only rate`` (table in
+    bench/README.md), seeds 1-4: OT placed 8/8 (mean error 0.005 over seeds 1-6), L2 3/8 (never the
+    far object), and OT with a wrong transport plan (targets shuffled among points) 6/8 with a mean
+    error of 0.080: the mean error is what tells that one apart."""
+    ot = torch.cat([_translation_errors("ot", seed) for seed in RATE_SEEDS])
+    l2 = torch.cat([_translation_errors("l2", seed) for seed in RATE_SEEDS])
+    assert (ot < 0.02).float().mean() >= 0.8 and ot.mean() < 0.015, ot
+    assert (l2 < 0.02).float().mean() <= 0.6, l2
+    assert (l2[0::2] >= 0.02).all(), l2  # object 0, started clear of its target: L2 never brings it
 
 
 @pytest.mark.slow

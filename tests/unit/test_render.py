@@ -233,6 +233,7 @@ def test_gradcheck_rasterize_and_interpolate_wrt_positions():
     assert torch.autograd.gradcheck(shaded, (pos,), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradcheck_antialias_wrt_color_and_positions():
     pos, tri = _stable_two_triangles()
     rast = rasterize(pos, tri, (8, 8), backend="torch").detach()

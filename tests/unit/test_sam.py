@@ -246,6 +246,7 @@ def test_segment_boxes_known_answer_at_the_original_resolution(tiny_sam, size):
         assert len(wrong) == 0, f"box {k}: {len(wrong)} pixels differ, e.g. {wrong[:5].tolist()}"
 
 
+@pytest.mark.slow
 def test_segment_boxes_with_the_real_decoder_keeps_box_order(tiny_sam):
     image = torch.rand(H, W, 3, generator=torch.Generator().manual_seed(1))
     boxes = torch.tensor([[10.0, 10, 100, 100], [50, 60, 250, 190], [200, 5, 290, 80]])
