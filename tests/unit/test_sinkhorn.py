@@ -128,6 +128,7 @@ def test_grouped_norm_cost_by_hand():
     torch.testing.assert_close(alt(x, y), hand, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("eps", [0.5, 0.05])
 def test_grouped_norm_plan_matches_pot(eps):
     x, y = _pixels(40, 2), _pixels(55, 3)
