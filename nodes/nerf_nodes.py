@@ -193,6 +193,10 @@ class Zero123SDSNeRF(io.ComfyNode):
                                                  "moments)."),
                 io.Image.Output("turntable", display_name="turntable",
                                 tooltip="Renders of the field from turntable_frames views on white."),
+                io.Custom("LOSS_MAP").Output("loss_map", display_name="loss_map",
+                                             tooltip="Loss at each iteration of this run under \"loss\" (what core "
+                                                     "Plot Loss Graph draws), and each term unweighted (rgb, mask, "
+                                                     "sds, orient, ...; 0 where not part of that iteration)."),
             ],
         )
 
@@ -250,7 +254,7 @@ class Zero123SDSNeRF(io.ComfyNode):
         cams = turntable_cameras(turntable_frames, 0.0, camera_distance, fov)
         with torch.no_grad():
             turntable = _render_views(field, cams, resolution)
-        return io.NodeOutput(field.eval(), turntable)
+        return io.NodeOutput(field.eval(), turntable, result.loss_map)
 
 
 def _render_views(field: RadianceField, cams, resolution: int) -> torch.Tensor:

@@ -172,6 +172,10 @@ class OTLayoutAlign(io.ComfyNode):
                                 tooltip="The final render blended half and half with the reference."),
                 io.String.Output("layout", display_name="layout",
                                  tooltip="JSON: per object its name, world translation, scale and 4x4 matrix."),
+                io.Custom("LOSS_MAP").Output("loss_map", display_name="loss_map",
+                                             tooltip="Loss at each iteration under \"loss\" (what core Plot Loss "
+                                                     "Graph draws), and the terms ot, pixel, semantic unweighted "
+                                                     "(0 where not part of that iteration)."),
             ],
         )
 
@@ -224,7 +228,8 @@ class OTLayoutAlign(io.ComfyNode):
         scene = meshlib.compose_scene(meshes, names, transforms=list(matrices))
         layout = [{"name": n, "translation": t.tolist(), "scale": s.tolist(), "matrix": m.tolist()}
                   for n, t, s, m in zip(names, placement.translations.cpu(), placement.scales.cpu(), matrices)]
-        return io.NodeOutput(placed, scene, placement.overlay[None].cpu().float(), json.dumps(layout))
+        return io.NodeOutput(placed, scene, placement.overlay[None].cpu().float(), json.dumps(layout),
+                             placement.result.loss_map)
 
 
 NODES = [CropObjects, OTLayoutAlign]

@@ -56,7 +56,10 @@ class SDSImageFit(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the timesteps and noise drawn at each step."),
             ],
-            outputs=[io.Image.Output("fitted_image", display_name="image", tooltip="The optimised image.")],
+            outputs=[io.Image.Output("fitted_image", display_name="image", tooltip="The optimised image."),
+                     io.Custom("LOSS_MAP").Output("loss_map", display_name="loss_map",
+                                                  tooltip="SDS loss at each step, {\"loss\": [...]}: connect core "
+                                                          "Plot Loss Graph.")],
         )
 
     @classmethod
@@ -90,7 +93,7 @@ class SDSImageFit(io.ComfyNode):
                 views = None
             with denoiser:
                 result = sds_fit(pixels, denoiser, config, views=views, progress=bridge.Progress(steps))
-        return io.NodeOutput(result.image.movedim(1, -1).float().cpu())
+        return io.NodeOutput(result.image.movedim(1, -1).float().cpu(), result.loss_map)
 
 
 NODES = [SDSImageFit]

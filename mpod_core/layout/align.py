@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from ..cameras import Cameras
+from ..loss_history import LossHistory, LossMap
 from .ot_loss import OTAppearanceLoss, OTLossConfig, reference_points
 from .scene import LayoutScene, SceneObject, SceneRender, render_scene
 
@@ -110,14 +111,18 @@ class LayoutResult:
     Attributes:
         translations: (K, 3) world position of each object's bounding-box centre.
         scales: (K, 3) scale factors about that centre.
-        history: per-iteration losses (``total``, ``appearance``, and ``semantic`` when given).
+        loss_map: ComfyUI's LOSS_MAP (:mod:`mpod_core.loss_history`): ``"loss"`` the total at
+            each iteration, ``"ot"`` (``loss="ot"``), ``"pixel"`` (the pixel-wise L2) and
+            ``"semantic"`` (when given), unweighted, 0 where not part of the loss. The total is
+            ``w * (ot + pixel_l2 * pixel) + (1 - lambda) * semantic`` for ``loss="ot"``
+            (``w * pixel + ...`` for ``"l2"``), ``w`` = ``lambda_appearance`` with a semantic loss, else 1.
         render: (H, W, 3) render of the final layout.
         covered: (H, W) bool, its silhouette.
     """
 
     translations: torch.Tensor
     scales: torch.Tensor
-    history: Dict[str, List[float]]
+    loss_map: LossMap
     render: torch.Tensor
     covered: torch.Tensor
 
@@ -192,16 +197,16 @@ def align_layout(objects: Sequence[SceneObject], translations: torch.Tensor, sca
         ref_points = reference_points(image, mask, None if depth is None else depth.to(device),
                                       background=config.background)
         ot_loss = OTAppearanceLoss(ref_points, fg, config.ot, use_depth=depth is not None, generator=generator)
-    history: Dict[str, List[float]] = {"total": [], "appearance": []}
+    history = LossHistory()
     for step in range(config.iterations):
         optimiser.zero_grad(set_to_none=True)
         render = render_scene(scene, camera, w, h, background=bg, backend=backend)
-        appearance = appearance_loss(render, reference, step, config, ot_loss)
+        appearance, terms = appearance_terms(render, reference, step, config, ot_loss)
         loss = appearance
         if semantic_loss is not None and step % config.semantic_every == 0:
             semantic = semantic_loss(render.color[None])
             loss = config.lambda_appearance * appearance + (1 - config.lambda_appearance) * semantic
-            history.setdefault("semantic", []).append(float(semantic.detach()))
+            terms["semantic"] = semantic
         elif semantic_loss is not None:
             loss = config.lambda_appearance * appearance
         if not torch.isfinite(loss):
@@ -211,8 +216,7 @@ def align_layout(objects: Sequence[SceneObject], translations: torch.Tensor, sca
             scene.log_scale.grad.zero_()  # zero from the start, so Adam's moments stay zero too
         optimiser.step()
         schedule.step()
-        history["total"].append(float(loss.detach()))
-        history["appearance"].append(float(appearance.detach()))
+        history.record(float(loss.detach()), {k: float(v.detach()) for k, v in terms.items()})
         if progress is not None:
             last = step + 1 == config.iterations
             preview = None
@@ -222,7 +226,7 @@ def align_layout(objects: Sequence[SceneObject], translations: torch.Tensor, sca
     with torch.no_grad():
         final = render_scene(scene, camera, w, h, background=bg, backend=backend)
     return LayoutResult(translations=scene.translation.detach().clone(), scales=scene.scales.detach().clone(),
-                        history=history, render=final.color, covered=final.covered)
+                        loss_map=history.as_loss_map(), render=final.color, covered=final.covered)
 
 
 def hold_scale(step: int, config: LayoutConfig) -> bool:
@@ -235,6 +239,12 @@ def hold_scale(step: int, config: LayoutConfig) -> bool:
 
 def appearance_loss(render: SceneRender, reference: torch.Tensor, step: int, config: LayoutConfig,
                     ot_loss: Optional[OTAppearanceLoss]) -> torch.Tensor:
+    """``L_a`` at iteration ``step`` (see :func:`appearance_terms`)."""
+    return appearance_terms(render, reference, step, config, ot_loss)[0]
+
+
+def appearance_terms(render: SceneRender, reference: torch.Tensor, step: int, config: LayoutConfig,
+                     ot_loss: Optional[OTAppearanceLoss]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """``L_a`` at iteration ``step``: pixel-wise L2 for ``loss="l2"``; for ``loss="ot"`` the OT loss,
     plus ``pixel_l2`` times the pixel-wise L2 from ``pixel_l2_start`` on (see the module docstring).
 
@@ -244,14 +254,20 @@ def appearance_loss(render: SceneRender, reference: torch.Tensor, step: int, con
         step: iteration index (0-based).
         config: the run's settings.
         ot_loss: the run's :class:`~.ot_loss.OTAppearanceLoss` (None for ``loss="l2"``).
+
+    Returns:
+        ``L_a`` and its unweighted terms: ``{"pixel": L2}`` for ``"l2"``; ``{"ot": OT}``, plus
+        ``"pixel"`` once the pixel term has joined, for ``"ot"``.
     """
     pixel = ((render.color - reference) ** 2).mean()
     if ot_loss is None:
-        return pixel
+        return pixel, {"pixel": pixel}
     value = ot_loss(render, step)
+    terms = {"ot": value}
     if config.pixel_l2 and step >= config.pixel_l2_start * config.iterations:
         value = value + config.pixel_l2 * pixel
-    return value
+        terms["pixel"] = pixel
+    return value, terms
 
 
 def initial_placement(boxes: torch.Tensor, extents: torch.Tensor, camera: Cameras, width: int,

@@ -50,7 +50,8 @@ from ..fields.backprop import DEFAULT_GRAD_SAMPLE_BUDGET, render_and_backprop
 from ..fields.shading import Shading
 from ..guidance.protocol import Denoiser, ViewCondition
 from ..guidance.schedules import TIMESTEP_PRESET_NAMES, TimestepSchedule, timestep_schedule
-from ..guidance.sds import SDSConfig, sds_image_loss
+from ..guidance.sds import NonFiniteGuard, SDSConfig, sds_image_loss
+from ..loss_history import LossHistory, LossMap
 from ..volume.rendering import DEFAULT_MAX_SAMPLES_PER_RAY
 
 #: ``progress(step, total, preview)``: preview is an (H, W, 3) image in [0, 1] or None.
@@ -225,7 +226,13 @@ class Stage1Result:
     """The fitted field (its ``meta['steps_done']`` counts all iterations so far, its
     ``optimizer_state`` holds Adam's moments)."""
     history: Dict[str, List[Tuple[int, float]]]
-    """Per loss term, (iteration, value) pairs."""
+    """Per loss term, (iteration, value) pairs at the iterations that evaluated it (iterations
+    count from the field's start, so a resumed run continues the numbers)."""
+    loss_map: LossMap
+    """ComfyUI's LOSS_MAP of this call (:mod:`mpod_core.loss_history`): ``"loss"`` the total at
+    each iteration, and each term unweighted ("rgb", "mask", "sds", "orient", "normal_smooth",
+    "sparsity", "opaque"), 0 where it was not part of the loss; the total is the sum of the
+    terms times their ``lambda_*``."""
 
 
 def prepare_reference(image: torch.Tensor, mask: torch.Tensor, resolution: int,
@@ -366,7 +373,8 @@ def fit_stage1(image: torch.Tensor, mask: torch.Tensor, denoiser: Denoiser, conf
         image: (H, W, 3) reference image in [0, 1], square.
         mask: (H, W) foreground mask in [0, 1].
         denoiser: guidance (view-conditioned; receives each novel view's camera
-            as a :class:`ViewCondition`).
+            as a :class:`ViewCondition`); a guidance returning NaN/inf stops the run
+            (:class:`~mpod_core.guidance.sds.NonFiniteGuard`).
         config: :class:`Stage1Config`.
         field: a field to continue optimising (resume: its iteration count, occupancy
             grid and Adam moments continue); None: a fresh one.
@@ -401,6 +409,8 @@ def fit_stage1(image: torch.Tensor, mask: torch.Tensor, denoiser: Denoiser, conf
     ref_cam = orbit_cameras(config.reference_elevation, config.reference_azimuth, config.distance, config.fov)
     with_normals = config.lambda_orient > 0 or config.lambda_normal_smooth > 0
     history: Dict[str, List[Tuple[int, float]]] = {}
+    loss_history = LossHistory()
+    guard = NonFiniteGuard()
     coarse_until = config.coarse_fraction * total if config.coarse_levels > 0 else 0.0
     samples_per_ray_seen: Dict[str, float] = {}
 
@@ -421,7 +431,7 @@ def fit_stage1(image: torch.Tensor, mask: torch.Tensor, denoiser: Denoiser, conf
         g = config.guidance_resolution
         if g is not None and g != res:
             images = F.interpolate(images, size=(g, g), mode="bilinear", align_corners=False)
-        sds = sds_image_loss(images, denoiser, sds_config, step, views, noise_gen)
+        sds = sds_image_loss(images, denoiser, sds_config, step, views, noise_gen, guard=guard)
         regs, terms = regularization(out, config, novel=True)
         return config.lambda_sds * sds.loss + regs, {"sds": sds.loss, **terms}
 
@@ -445,7 +455,7 @@ def fit_stage1(image: torch.Tensor, mask: torch.Tensor, denoiser: Denoiser, conf
                 kind, loss_fn = "novel", novel_loss
             # samples per ray of the last render of this kind: a one-pass backward when they fit the budget
             per_ray = samples_per_ray_seen.get(kind)
-            _, terms, out = render_and_backprop(
+            loss, terms, out = render_and_backprop(
                 field, cams, res, res, lambda o: _with_float_terms(loss_fn(o)), shadings=shadings,
                 background=config.background, with_normals=with_normals, generator=rays_gen,
                 grad_sample_budget=config.grad_sample_budget, check_finite=check_finite,
@@ -453,6 +463,7 @@ def fit_stage1(image: torch.Tensor, mask: torch.Tensor, denoiser: Denoiser, conf
             samples_per_ray_seen[kind] = float(out["samples"].float().mean())
             for name, value in terms.items():
                 history.setdefault(name, []).append((step, value))
+            loss_history.record(float(loss), terms)
             optimiser.step()
             field.meta["steps_done"] = step + 1
             if progress is not None:
@@ -464,7 +475,7 @@ def fit_stage1(image: torch.Tensor, mask: torch.Tensor, denoiser: Denoiser, conf
     finally:
         field.field.active_levels = None
         field.optimizer_state = optimizer_moments(field, optimiser)
-    return Stage1Result(field=field, history=history)
+    return Stage1Result(field=field, history=history, loss_map=loss_history.as_loss_map())
 
 
 def _with_float_terms(result):

@@ -13,7 +13,8 @@ from typing import Callable, List, Optional
 import torch
 
 from ..guidance.protocol import Denoiser, ViewCondition
-from ..guidance.sds import SDSConfig, sds_image_loss
+from ..guidance.sds import NonFiniteGuard, SDSConfig, sds_image_loss
+from ..loss_history import LossHistory, LossMap
 
 #: ``progress(step, total, preview)``: preview is an (H, W, 3) image in [0, 1] or None.
 ProgressFn = Callable[[int, int, Optional[torch.Tensor]], None]
@@ -50,8 +51,8 @@ class SDSFitResult:
 
     image: torch.Tensor
     """(B, 3, H, W) the optimised image in [0, 1]."""
-    losses: List[float]
-    """SDS loss value at each step."""
+    loss_map: LossMap
+    """``{"loss": [SDS loss at each step]}`` (ComfyUI's LOSS_MAP, :mod:`mpod_core.loss_history`)."""
     grad_norms: List[float]
     """Norm of the gradient that reached the image at each step."""
 
@@ -78,19 +79,23 @@ def sds_fit(image: torch.Tensor, denoiser: Denoiser, config: SDSFitConfig,
 
     Returns:
         :class:`SDSFitResult`.
+
+    Raises:
+        NonFiniteGuidanceError: the guidance returned NaN/inf (see :class:`NonFiniteGuard`).
     """
     config.validate()
     check_image(image)
     generator = torch.Generator(device=image.device).manual_seed(int(config.seed))
     pixels = image.detach().clone().clamp(0, 1).requires_grad_(True)
     optimiser = torch.optim.Adam([pixels], lr=config.learning_rate)
-    losses, grad_norms = [], []
+    history, grad_norms = LossHistory(), []
+    guard = NonFiniteGuard()
     for step in range(config.steps):
         optimiser.zero_grad(set_to_none=True)
-        out = sds_image_loss(pixels, denoiser, config.sds, step, views, generator)
+        out = sds_image_loss(pixels, denoiser, config.sds, step, views, generator, guard=guard)
         out.loss.backward()
         grad_norms.append(float(pixels.grad.norm()))
-        losses.append(float(out.loss.detach()))
+        history.record(float(out.loss.detach()))
         optimiser.step()
         with torch.no_grad():
             pixels.clamp_(0, 1)
@@ -98,4 +103,4 @@ def sds_fit(image: torch.Tensor, denoiser: Denoiser, config: SDSFitConfig,
             last = step + 1 == config.steps
             preview = pixels[0].detach().permute(1, 2, 0) if last or (step + 1) % config.preview_every == 0 else None
             progress(step + 1, config.steps, preview)
-    return SDSFitResult(image=pixels.detach(), losses=losses, grad_norms=grad_norms)
+    return SDSFitResult(image=pixels.detach(), loss_map=history.as_loss_map(), grad_norms=grad_norms)

@@ -145,7 +145,10 @@ def _align_prompt(names, iterations=200, masks=(0, 1, 2), meshes=(0, 1, 2)):
 
 def test_layout_align_recovers_a_known_layout_from_shipped_meshes(comfy_server, known_scene):
     scene, names = known_scene
-    entry = comfy_server.run(_align_prompt(names), timeout=900)
+    prompt = _align_prompt(names)
+    add_loss_graph(prompt, "align", 4)
+    entry = comfy_server.run(prompt, timeout=900)
+    check_loss_graph(comfy_server, entry, steps=200)
     files = _glbs(comfy_server, entry, "save")
     assert len(files) == 3
     boxes = LayoutScene(scene.objects, scene.translations, scene.scales).object_boxes().detach()

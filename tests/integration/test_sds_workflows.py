@@ -1,12 +1,14 @@
 """The bundled SDS workflows, converted from the very UI files users drag in,
 run in the live server with random-weight checkpoints (shrunk to 64x64 and
-2 steps for the CPU)."""
+2 steps for the CPU), with SDS Image Fit's LOSS_MAP output wired into core
+Plot Loss Graph."""
 import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from harness.loss_graph import add_loss_graph, check_loss_graph
 from harness.paths import WORKFLOWS_DIR
 from harness.workflow_convert import ui_to_api
 
@@ -36,7 +38,12 @@ def test_bundled_sds_workflow_runs(comfy_server, request, tmp_path, name, checkp
         elif node["class_type"] == "MPOD3D_SDSImageFit":
             assert inputs["steps"] >= 100  # the workflow itself carries real settings
             inputs["steps"] = 2
+    info = comfy_server.object_info()["MPOD3D_SDSImageFit"]
+    assert info["output"] == ["IMAGE", "LOSS_MAP"]  # appended last: saved workflows' links by index hold
+    fit = next(nid for nid, node in api.items() if node["class_type"] == "MPOD3D_SDSImageFit")
+    add_loss_graph(api, fit, 1)
     entry = comfy_server.run(api, timeout=600)
+    check_loss_graph(comfy_server, entry, steps=2)
     previews = comfy_server.output_files(entry, kinds=("images",))
     assert len(previews) == 1, previews
     fitted = np.asarray(Image.open(previews[0]).convert("RGB"), dtype=np.float32) / 255

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from harness.comfy_server import ExecutionError, PromptRejected
 from harness.gltf import validate_gltf
+from harness.loss_graph import add_loss_graph, check_loss_graph
 from harness.progress import interrupt_after
 from harness.workflow_convert import ui_to_api
 from mpod_core.cameras import orbit_cameras
@@ -86,9 +87,11 @@ def test_bundled_stage1_workflow_runs_and_resumes(comfy_server, zero123_checkpoi
             inputs.update(resolution=32, threshold=5.0)
         elif kind == "MPOD3D_SaveRadianceField":
             inputs["filename_prefix"] = "fields/stage1_wf"
+    add_loss_graph(api, next(k for k, n in api.items() if n["class_type"] == NERF), 2)
     t0 = time.monotonic()
     entry = comfy_server.run(api, timeout=900)
     print(f"\nstage-1 workflow, {SMALL['iterations']} iterations: {time.monotonic() - t0:.1f} s")
+    check_loss_graph(comfy_server, entry, steps=SMALL["iterations"])
 
     previews = comfy_server.output_files(entry, kinds=("images",))
     sizes = sorted(Image.open(p).size for p in previews)
