@@ -21,6 +21,7 @@ from PIL import Image
 
 from harness.comfy_server import ExecutionError
 from harness.gltf import validate_gltf
+from harness.loss_graph import add_loss_graph, check_loss_graph
 from harness.paths import WORKFLOWS_DIR
 from harness.progress import interrupt_after
 from harness.sam import write_sam_checkpoint
