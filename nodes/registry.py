@@ -31,6 +31,18 @@ NODE_DISPLAY_NAMES = {
     "MPOD3D_SAMSegmentObjects": "SAM Segment Objects",
 }
 
+#: node id -> menu category.
+NODE_CATEGORIES = {
+    **{node_id: MESH_CATEGORY for node_id in ("MPOD3D_LoadMesh", "MPOD3D_SaveMesh", "MPOD3D_RenderMeshViews",
+                                              "MPOD3D_MeshToComfyMesh", "MPOD3D_ComfyMeshToMesh", "MPOD3D_MeshList",
+                                              "MPOD3D_ComposeScene")},
+    "MPOD3D_SDSImageFit": GUIDANCE_CATEGORY,
+    **{node_id: MPOD123_CATEGORY for node_id in ("MPOD3D_Zero123SDSNeRF", "MPOD3D_OpacityMask", "MPOD3D_FieldToMesh",
+                                                 "MPOD3D_SaveRadianceField", "MPOD3D_LoadRadianceField")},
+    **{node_id: REPARO_CATEGORY for node_id in ("MPOD3D_CropObjects", "MPOD3D_OTLayoutAlign", "MPOD3D_LoadSAM",
+                                                "MPOD3D_SAMSegmentObjects")},
+}
+
 #: Custom type name of meshes travelling between nodes (trimesh.Trimesh objects, or a
 #: trimesh.Scene of named objects), the name other popular 3D packs use, so their meshes plug in.
 TRIMESH_TYPE = "TRIMESH"

@@ -21,9 +21,11 @@ import numpy as np
 import torch
 import trimesh
 
+from ..progress import ProgressFn
+
 DensityFn = Callable[[torch.Tensor], torch.Tensor]
 ColorFn = Callable[[torch.Tensor], torch.Tensor]
-ProgressFn = Callable[[int, int], None]
+
 
 MIN_RESOLUTION = 2  # marching cubes needs at least one cell per axis
 MAX_RESOLUTION = 1024  # 1024**3 float32 is already 4 GiB of grid
@@ -104,7 +106,7 @@ def sample_density_grid(density_fn: DensityFn, aabb, resolution: int, *, chunk: 
         resolution: lattice vertices per axis, in [2, 1024].
         chunk: points per ``density_fn`` call (bounds peak memory of the field).
         device: where the points are built and passed to ``density_fn`` (None: CPU).
-        progress: optional ``(done_points, total_points)`` callback after each chunk;
+        progress: optional ``(done_points, total_points, None)`` callback after each chunk;
             whatever it raises (e.g. an interrupt) propagates.
 
     Returns:
@@ -125,7 +127,7 @@ def sample_density_grid(density_fn: DensityFn, aabb, resolution: int, *, chunk: 
             pts = lattice_points(torch.arange(start, stop, device=dev), axes)
             grid[start:stop] = _eval_chunk(density_fn, pts, 1, "density_fn")
             if progress is not None:
-                progress(stop, total)
+                progress(stop, total, None)
     return grid.reshape(res, res, res)
 
 

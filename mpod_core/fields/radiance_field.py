@@ -77,6 +77,13 @@ class RadianceField(nn.Module):
         #: resume continues with its moments); empty for a fresh field.
         self.optimizer_state: Dict[str, Dict[str, torch.Tensor]] = {}
 
+    def copy(self, *, backend: str = "auto", device=None) -> "RadianceField":
+        """An independent, trainable copy on hash-grid ``backend`` and ``device`` (default: this
+        field's device); see :func:`mpod_core.fields.io.copy_radiance_field`."""
+        from .io import copy_radiance_field  # noqa: PLC0415 (io imports this module)
+
+        return copy_radiance_field(self, backend=backend, device=device)
+
     @property
     def config(self) -> NeRFFieldConfig:
         return self.field.config

@@ -8,15 +8,14 @@ before they drive a 3D optimisation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch
 
+from ..progress import ProgressFn
 from ..guidance.protocol import Denoiser, ViewCondition
 from ..guidance.sds import SDSConfig, sds_image_loss
 
-#: ``progress(step, total, preview)``: preview is an (H, W, 3) image in [0, 1] or None.
-ProgressFn = Callable[[int, int, Optional[torch.Tensor]], None]
 
 
 @dataclass

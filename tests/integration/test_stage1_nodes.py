@@ -47,7 +47,7 @@ def _nerf_prompt(checkpoint, image_name, prefix, **widgets):
     nerf = {"invert_mask": True, "batch_size": 1, "learning_rate": 0.001, "guidance_scale": 3.0,
             "timestep_preset": "stable-zero123", "min_step": 0.02, "max_step": 0.98, "anneal_min_step": 0.02,
             "anneal_max_step": 0.98, "anneal_start": 0.0, "anneal_end": 0.0, "reference_probability": 0.25,
-            "reference_elevation": 0.0, "elevation_min": -45.0, "elevation_max": 45.0, "camera_distance": 2.5,
+            "reference_elevation": 0.0, "elevation_min": -45.0, "elevation_max": 45.0, "distance": 2.5,
             "fov": 40.0, "lambda_orient": 1.0, "lambda_normal_smooth": 5.0, "lambda_sparsity": 0.5,
             "lambda_opaque": 0.5, "shading_augmentation": True, "coarse_levels": 8, "seed": 0,
             "backend": "auto", **SMALL, **widgets,

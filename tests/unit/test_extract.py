@@ -187,7 +187,7 @@ def test_a_step_field_at_exactly_the_threshold_gives_a_clean_mesh():
 
 def test_progress_reports_monotone_counts_up_to_the_total():
     seen = []
-    extract_mesh(ball_density, CUBE, resolution=16, chunk=1000, progress=lambda d, t: seen.append((d, t)))
+    extract_mesh(ball_density, CUBE, resolution=16, chunk=1000, progress=lambda d, t, preview: seen.append((d, t)))
     done = [d for d, _ in seen]
     assert {t for _, t in seen} == {16 ** 3}
     assert done == sorted(set(done)) and done[-1] == 16 ** 3
@@ -198,7 +198,7 @@ def test_progress_exceptions_propagate():
     class Interrupted(Exception):
         pass
 
-    def stop(done, total):
+    def stop(done, total, preview=None):
         if done > 2000:
             raise Interrupted
     calls = []

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from mpod_core import lazy_cuda
 from mpod_core import cameras as C
 from mpod_core.render import (MeshRender, antialias, interpolate, rasterize, render_mesh,
                               texture_sample)
@@ -514,7 +515,7 @@ def test_render_mesh_validates_inputs():
 
 def test_auto_backend_falls_back_with_one_warning(monkeypatch):
     pos, tri = _stable_two_triangles()
-    monkeypatch.setattr(OPS, "_FALLBACK_WARNED", [False])
+    monkeypatch.setattr(lazy_cuda, "_WARNED", set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         a = rasterize(pos, tri, (8, 8))  # CPU tensors: always the torch backend
