@@ -23,12 +23,14 @@ class LoadMesh(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return node_schema(
             "MPOD3D_LoadMesh",
-            description="Load a .glb/.gltf/.obj/.ply/.stl mesh from ComfyUI's input folder (sub-folders "
-                        "included; the upload button puts files in input/3d). Keeps vertex colours and UV textures.",
+            description="Load a .glb/.gltf/.obj/.ply/.stl mesh from ComfyUI's input folder (its top level and "
+                        "input/3d, where the upload button puts files). Keeps vertex colours and UV textures.",
             inputs=[
-                io.Combo.Input("mesh_file", options=bridge.list_input_files(meshlib.LOAD_EXTENSIONS),
+                io.Combo.Input("mesh_file",
+                               options=bridge.list_input_files(meshlib.LOAD_EXTENSIONS, [bridge.MESH_UPLOAD_SUBFOLDER]),
                                upload=io.UploadType.model,
-                               tooltip="Mesh file, relative to ComfyUI's input folder. Supported: "
+                               tooltip="Mesh file at the top level of ComfyUI's input folder or under input/3d "
+                                       "(other names under input/ load when typed in a workflow). Supported: "
                                        + ", ".join(meshlib.LOAD_EXTENSIONS)
                                        + ". A .gltf needs its .bin and textures beside it; prefer .glb."),
                 io.Boolean.Input("normalize", default=False,

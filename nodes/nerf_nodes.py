@@ -302,8 +302,9 @@ class SaveRadianceField(io.ComfyNode):
             is_output_node=True,
             inputs=[
                 _field_input(),
-                io.String.Input("filename_prefix", default="fields/mpod3d",
-                                tooltip="Name relative to the output folder; a counter is appended."),
+                io.String.Input("filename_prefix", default=f"{bridge.FIELD_SUBFOLDER}/mpod3d",
+                                tooltip="Name relative to the output folder; a counter is appended. Load "
+                                        "Radiance Field lists what is saved under output/fields."),
             ],
             outputs=[io.String.Output("field_path", display_name="field_path",
                                       tooltip="Saved file, relative to the output folder.")],
@@ -324,11 +325,12 @@ class LoadRadianceField(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return node_schema(
             "MPOD3D_LoadRadianceField",
-            description="Load a radiance field (.safetensors from Save Radiance Field) from the input folder or, "
-                        "marked [output], the output folder.",
+            description="Load a radiance field (.safetensors from Save Radiance Field) from the input folder (top "
+                        "level and input/fields) or, marked [output], from output/fields.",
             inputs=[
-                io.Combo.Input("field_file", options=bridge.list_input_and_output_files(FIELD_EXTENSIONS),
-                               tooltip="Field file; entries marked [output] are in ComfyUI's output folder."),
+                io.Combo.Input("field_file",
+                               options=bridge.list_input_and_output_files(FIELD_EXTENSIONS, [bridge.FIELD_SUBFOLDER]),
+                               tooltip="Field file; entries marked [output] are in ComfyUI's output/fields folder."),
                 backend_input(FIELD_BACKEND_TOOLTIP + " Files work with both."),
             ],
             outputs=[RadianceFieldType.Output("field", display_name="field")],
