@@ -12,6 +12,7 @@ from comfy_api.latest import Types, io
 from ..mpod_core import cameras as cam
 from ..mpod_core import mesh as meshlib
 from ..mpod_core.render import render_mesh
+from ..mpod_core.render.mesh_renderer import MAX_RENDER_PIXELS
 from . import comfy_bridge as bridge
 from .schema import RENDER_BACKEND_TOOLTIP, RENDER_BACKENDS, Trimesh, backend_input, check_backend, node_schema
 
@@ -154,6 +155,19 @@ class RenderMeshViews(io.ComfyNode):
                 io.Mask.Output("mask", display_name="mask", tooltip="Silhouette (1 = object)."),
             ],
         )
+
+    @classmethod  # named arguments only: with **kwargs ComfyUI skips its own range/option checks of every input
+    def validate_inputs(cls, azimuths: str, elevations: str, width: int, height: int) -> bool | str:
+        try:
+            n_views = len(cam.parse_view_lists(elevations, azimuths)[0])
+        except (TypeError, ValueError):  # linked (None here) or malformed: reported when the node runs
+            return True
+        pixels = n_views * int(width) * int(height)
+        if pixels > MAX_RENDER_PIXELS:
+            return (f"Render Mesh Views: views x width x height = {n_views} x {width} x {height} = {pixels} exceeds "
+                    f"{MAX_RENDER_PIXELS} (two 4096x4096 views), the most its output images may hold in memory; "
+                    f"render fewer views or smaller images")
+        return True
 
     @classmethod
     def execute(cls, mesh, azimuths, elevations, distance, fov, width, height, frame_mesh, background,

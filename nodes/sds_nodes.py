@@ -5,7 +5,7 @@ import torch
 from comfy_api.latest import io
 
 from ..mpod_core.guidance import WEIGHTINGS, SDSConfig, ViewCondition
-from ..mpod_core.pipelines.sds_fit import SDSFitConfig, sds_fit
+from ..mpod_core.pipelines.sds_fit import SDSFitConfig, check_image_size, sds_fit
 from . import comfy_bridge as bridge
 from .schema import check_image, node_schema, seed_input
 from .comfy_bridge.diffusion import ComfyTextDenoiser, ComfyZero123Denoiser
@@ -27,7 +27,8 @@ class SDSImageFit(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="SD 1.x/2.x or Stable Zero123 MODEL from ComfyUI's loaders."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE (its encoder is differentiated through)."),
-                io.Image.Input("image", tooltip="Start image; its size must be a multiple of 8."),
+                io.Image.Input("image", tooltip="Start image; its size must be a multiple of 8, and batch x "
+                                                "height x width at most 512 x 512 (the VAE encoder's backward)."),
                 io.Conditioning.Input("positive", optional=True, tooltip="Text mode: the prompt."),
                 io.Conditioning.Input("negative", optional=True,
                                       tooltip="Text mode: the negative prompt (empty conditioning if left out)."),
@@ -65,6 +66,8 @@ class SDSImageFit(io.ComfyNode):
         check_image(image, "SDS Image Fit")
         if reference_image is not None:
             check_image(reference_image, "SDS Image Fit", "reference_image")
+        # The image arrives by link, so its size is only known here: refuse it before any model work.
+        check_image_size(*image.shape[:3], name="SDS Image Fit: image")
         zero123 = clip_vision is not None or reference_image is not None
         if zero123 and (clip_vision is None or reference_image is None):
             missing = "clip_vision" if clip_vision is None else "reference_image"

@@ -51,15 +51,15 @@ from ..fields.backprop import DEFAULT_GRAD_SAMPLE_BUDGET, render_and_backprop
 from ..fields.shading import Shading
 from ..guidance.protocol import Denoiser, ViewCondition
 from ..guidance.schedules import TIMESTEP_PRESET_NAMES, TimestepSchedule, timestep_schedule
-from ..guidance.sds import SDSConfig, sds_image_loss
+from ..guidance.sds import MAX_GUIDANCE_PIXELS, SDSConfig, sds_image_loss
 from ..volume.rendering import DEFAULT_MAX_SAMPLES_PER_RAY
 
 
 #: Largest render and guidance sizes accepted (memory is bounded by the two-pass
 #: backward whatever the render size; the guidance's encoder holds its graph for
-#: the whole batch: ``batch_size * guidance_resolution^2`` is capped too).
+#: the whole batch: ``batch_size * guidance_resolution^2`` is capped too, at
+#: :data:`~mpod_core.guidance.sds.MAX_GUIDANCE_PIXELS`, imported above).
 MAX_RESOLUTION = 2048
-MAX_GUIDANCE_PIXELS = 4 * 256 * 256
 MAX_SAMPLES_PER_RAY = DEFAULT_MAX_SAMPLES_PER_RAY
 
 

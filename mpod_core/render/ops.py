@@ -50,6 +50,11 @@ def _resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     return "torch"
 
 
+def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
+    """The implementation the ops use for ``backend`` and these tensors: "torch" or "nvdiffrast"."""
+    return _resolve_backend(backend, *tensors)
+
+
 def _shape(t: torch.Tensor) -> Tuple[int, ...]:
     return tuple(t.shape)
 
