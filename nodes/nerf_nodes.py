@@ -7,7 +7,8 @@ from comfy_api.latest import io
 
 from ..mpod_core import cameras as cam
 from ..mpod_core.fields import RadianceField, load_radiance_field, read_settings, save_radiance_field
-from ..mpod_core.fields.extract import extract_mesh
+from ..mpod_core.fields.extract import MAX_SURFACE_CELLS, extract_mesh
+from ..mpod_core.fields.radiance_field import MAX_OPACITY_PIXELS
 from ..mpod_core.fields.nerf import NeRFFieldConfig
 from ..mpod_core.configdoc import field_docs
 from ..mpod_core.guidance import SDSConfig
@@ -232,7 +233,9 @@ class OpacityMask(io.ComfyNode):
                                tooltip="Camera distance; 0 = the distance the field was fitted with."),
                 io.Float.Input("fov", default=0.0, min=0.0, max=179.0, step=0.5,
                                tooltip="Vertical field of view, degrees; 0 = the field's own."),
-                io.Int.Input("resolution", default=128, min=8, max=2048, step=8, tooltip="Mask size in pixels."),
+                io.Int.Input("resolution", default=128, min=8, max=2048, step=8,
+                             tooltip=f"Mask size in pixels (views x resolution^2 at most {MAX_OPACITY_PIXELS}, "
+                                     f"16 views of 2048)."),
                 io.Float.Input("threshold", default=0.5, min=0.0, max=0.999, step=0.01,
                                tooltip="A pixel is inside the outline when its opacity exceeds this (paper: 0.5)."),
             ],
@@ -241,6 +244,19 @@ class OpacityMask(io.ComfyNode):
                 io.Image.Output("opacity_image", display_name="opacity", tooltip="The raw opacity as a grey image."),
             ],
         )
+
+    @classmethod  # named arguments only: with **kwargs ComfyUI skips its own range/option checks of every input
+    def validate_inputs(cls, azimuths: str, elevations: str, resolution: int) -> bool | str:
+        try:
+            n_views = len(cam.parse_view_lists(elevations, azimuths)[0])
+        except (TypeError, ValueError):  # linked (None here) or malformed: reported when the node runs
+            return True
+        pixels = n_views * int(resolution) ** 2
+        if pixels > MAX_OPACITY_PIXELS:
+            return (f"Opacity Mask: views x resolution^2 = {n_views} x {resolution}^2 = {pixels} exceeds "
+                    f"{MAX_OPACITY_PIXELS} (16 views of 2048x2048), the most its output masks may hold in memory; "
+                    f"ask for fewer views or a smaller resolution")
+        return True
 
     @classmethod
     def execute(cls, field, azimuths, elevations, distance, fov, resolution, threshold) -> io.NodeOutput:
@@ -272,7 +288,9 @@ class FieldToMesh(io.ComfyNode):
             inputs=[
                 _field_input(),
                 io.Int.Input("resolution", default=128, min=16, max=512, step=8,
-                             tooltip="Marching-cubes lattice per axis over the field's cube (memory grows as its cube)."),
+                             tooltip=f"Marching-cubes lattice per axis over the field's cube (memory grows as its cube: "
+                                     f"~0.6 GiB at 512). A surface crossing more than {MAX_SURFACE_CELLS} "
+                                     f"cells is refused before meshing (~2 KB of mesh work a cell)."),
                 io.Float.Input("threshold", default=10.0, min=0.001, max=1000.0, step=0.5,
                                tooltip="Density of the surface. Lower: fuller, puffier shape; higher: only dense "
                                        "matter. A fresh field's blob peaks at ~10."),

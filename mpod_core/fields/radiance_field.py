@@ -30,6 +30,13 @@ DEFAULT_GRID_RESOLUTION = 32
 #: ``early_stop_eps`` as Instant-NGP-style trainers pass them).
 DEFAULT_ALPHA_THRESHOLD = 0.01
 DEFAULT_EARLY_STOP_EPS = 1e-4
+#: Largest ``views x resolution^2`` the Opacity Mask node accepts. :meth:`RadianceField.opacity`
+#: marches its rays in chunks, so one view's working set is its rays and per-pixel results,
+#: ~94 bytes a pixel measured (a 2048^2 view of a small field peaks at 375 MiB); but the
+#: node's outputs cannot be chunked away: it keeps 28 bytes a pixel (mask and opacity per
+#: view, their stacks and the grey RGB image), and the view list is free text. 2**26 pixels
+#: (16 views of 2048^2, 1024 of 256^2) end near 1.75 GiB of outputs plus one view.
+MAX_OPACITY_PIXELS = 2 ** 26
 
 
 class RadianceField(nn.Module):
