@@ -43,6 +43,12 @@ from .protocol import Denoiser, NoiseBaseline, ViewCondition
 Weighting = Literal["sds", "uniform", "fantasia"]
 #: The weighting names, for node widgets and error messages.
 WEIGHTINGS: Tuple[str, ...] = get_args(Weighting)
+#: Largest ``batch x height x width`` of images whose SDS gradient goes through the
+#: VAE encoder: its backward holds the encoder's activations for the whole batch at
+#: full resolution (the SD VAE's first blocks keep 128-256 channels per pixel), so it is
+#: capped at 4 views of 256^2 = one 512^2 image (SD 1.5's own size), as Zero123 SDS
+#: NeRF's guidance batch (MPOD123 stage 1) and SDS Image Fit both enforce.
+MAX_GUIDANCE_PIXELS = 4 * 256 * 256
 
 
 @dataclass

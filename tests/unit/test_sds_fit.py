@@ -136,3 +136,25 @@ def test_loss_map_is_the_sds_loss_of_every_step():
                            torch.Generator().manual_seed(2))
     assert losses[0] == pytest.approx(float(first.loss), rel=1e-6)
     assert len(set(losses)) == 6  # a value per step, not one repeated
+
+
+def test_images_past_the_encoder_memory_limit_are_refused_naming_it():
+    from mpod_core.guidance.sds import MAX_GUIDANCE_PIXELS
+    from mpod_core.pipelines.sds_fit import check_image, check_image_size
+    assert MAX_GUIDANCE_PIXELS == 512 * 512  # one SD 1.5 image, or four 256^2 views (Zero123 SDS NeRF's batch)
+    check_image(torch.zeros(1, 3, 512, 512))
+    check_image(torch.zeros(4, 3, 256, 256))
+    for b, h, w in ((1, 512, 520), (2, 512, 512), (5, 256, 256), (1, 4096, 4096)):
+        with pytest.raises(ValueError, match=f"= {b * h * w} exceeds {MAX_GUIDANCE_PIXELS}"):
+            check_image_size(b, h, w)
+    calls = []
+
+    class Recording(OracleDenoiser):
+        def encode(self, images):
+            calls.append(images.shape)
+            return super().encode(images)
+
+    oracle = Recording.from_images(_target())
+    with pytest.raises(ValueError, match=str(MAX_GUIDANCE_PIXELS)):
+        sds_fit(torch.zeros(2, 3, 512, 512), oracle, SDSFitConfig(steps=1))
+    assert calls == []  # refused before the encoder ran
