@@ -18,7 +18,7 @@ from ..mpod_core.pipelines.mpod123 import (MAX_GUIDANCE_PIXELS, MAX_SAMPLES_PER_
 from . import comfy_bridge as bridge
 from .comfy_bridge.diffusion import ComfyZero123Denoiser
 from .schema import (FIELD_BACKEND_TOOLTIP, FIELD_BACKENDS, RadianceFieldType, Trimesh, backend_input, check_backend,
-                     check_image, check_masks, config_input, node_schema)
+                     check_image, check_masks, config_input, loss_map_output, node_schema)
 
 
 FIELD_EXTENSIONS = (".safetensors",)
@@ -137,10 +137,7 @@ class Zero123SDSNeRF(io.ComfyNode):
                                                  "moments)."),
                 io.Image.Output("turntable", display_name="turntable",
                                 tooltip="Renders of the field from turntable_frames views on white."),
-                io.Custom("LOSS_MAP").Output("loss_map", display_name="loss_map",
-                                             tooltip="Loss at each iteration of this run under \"loss\" (what core "
-                                                     "Plot Loss Graph draws), and each term unweighted (rgb, mask, "
-                                                     "sds, orient, ...; 0 where not part of that iteration)."),
+                loss_map_output("rgb, mask, sds, orient, ..."),
             ],
         )
 

@@ -15,7 +15,7 @@ from ..mpod_core.configdoc import config_from_values
 from ..mpod_core.pipelines.reparo import ReferenceView, place_objects, placed_outputs, semantic_reference
 from . import comfy_bridge as bridge
 from .schema import (RENDER_BACKEND_TOOLTIP, RENDER_BACKENDS, Trimesh, backend_input, check_backend, check_image,
-                     check_masks, config_input, node_schema)
+                     check_masks, config_input, loss_map_output, node_schema)
 
 
 class CropObjects(io.ComfyNode):
@@ -131,10 +131,7 @@ class OTLayoutAlign(io.ComfyNode):
                                 tooltip="The final render blended half and half with the reference."),
                 io.String.Output("layout", display_name="layout",
                                  tooltip="JSON: per object its name, world translation, scale and 4x4 matrix."),
-                io.Custom("LOSS_MAP").Output("loss_map", display_name="loss_map",
-                                             tooltip="Loss at each iteration under \"loss\" (what core Plot Loss "
-                                                     "Graph draws), and the terms ot, pixel, semantic unweighted "
-                                                     "(0 where not part of that iteration)."),
+                loss_map_output("ot, pixel, semantic"),
             ],
         )
 

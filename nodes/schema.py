@@ -20,6 +20,20 @@ from .registry import NODE_CATEGORIES, NODE_DISPLAY_NAMES, RADIANCE_FIELD_TYPE, 
 Trimesh = io.Custom(TRIMESH_TYPE)
 RadianceFieldType = io.Custom(RADIANCE_FIELD_TYPE)
 SamModel = io.Custom(SAM_MODEL_TYPE)
+#: ComfyUI's loss-history type (``{"loss": [...]}``), what core Train LoRA outputs and Plot Loss Graph draws.
+LossMap = io.Custom("LOSS_MAP")
+
+
+def loss_map_output(terms: str = "") -> io.Output:
+    """The ``loss_map`` output every optimisation node appends last (saved workflows link outputs by index).
+
+    Args:
+        terms: what the per-term keys are, for the tooltip (e.g. "rgb, mask, sds").
+    """
+    tip = 'Loss at each iteration of this run under "loss" (what core Plot Loss Graph draws)'
+    if terms:
+        tip += f", and each term unweighted ({terms}; 0 where not part of that iteration)"
+    return LossMap.Output("loss_map", display_name="loss_map", tooltip=tip + ".")
 
 #: One seed range for every node: ComfyUI's own (KSampler's 0 .. 2^64 - 1); torch generators take it all.
 SEED_MAX = 0xFFFFFFFFFFFFFFFF

@@ -7,7 +7,7 @@ from comfy_api.latest import io
 from ..mpod_core.guidance import WEIGHTINGS, SDSConfig, ViewCondition
 from ..mpod_core.pipelines.sds_fit import SDSFitConfig, check_image_size, sds_fit
 from . import comfy_bridge as bridge
-from .schema import check_image, node_schema, seed_input
+from .schema import check_image, loss_map_output, node_schema, seed_input
 from .comfy_bridge.diffusion import ComfyTextDenoiser, ComfyZero123Denoiser
 
 NODE_ID = "MPOD3D_SDSImageFit"
@@ -57,9 +57,7 @@ class SDSImageFit(io.ComfyNode):
                 seed_input("Seed of the timesteps and noise drawn at each step."),
             ],
             outputs=[io.Image.Output("fitted_image", display_name="image", tooltip="The optimised image."),
-                     io.Custom("LOSS_MAP").Output("loss_map", display_name="loss_map",
-                                                  tooltip="SDS loss at each step, {\"loss\": [...]}: connect core "
-                                                          "Plot Loss Graph.")],
+                     loss_map_output()],
         )
 
     @classmethod
