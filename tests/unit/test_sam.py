@@ -62,7 +62,7 @@ def test_parse_clips_boxes_partly_outside():
     ("[[1, 2, 3, 4], [400, 10, 500, 50]]", r"object_01: box \[400, 10, 500, 50\] is entirely outside the 300x200 image"),
     ("[[10, -50, 20, 0]]", r"object_00: box \[10, -50, 20, 0\] is entirely outside the 300x200 image"),
     ('[{"crop_box": [1, 2, 3, 4]}]', r"object_00: box: a dict needs an 'object_box' or 'box' key"),
-    ('[{"box": [1, 2, 3, 4], "image_size": 7}]', r"box 0: image_size must be \[width, height\]"),
+    ('[{"box": [1, 2, 3, 4], "image_size": 7}]', r"object_00: box: image_size must be \[width, height\]"),
 ])
 def test_parse_errors_name_the_problem(text, message):
     with pytest.raises(ValueError, match=message):
