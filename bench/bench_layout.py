@@ -49,7 +49,7 @@ METHODS = {
     "OT then OT + L2 (ours, default)": dict(loss="ot"),
     "L2 only": dict(loss="l2"),
 }
-# "OT only" (pixel_l2=0) is left out of the default table: without the pixel term scales run away
+# "OT only" (pixel_weight=0) is left out of the default table: without the pixel term scales run away
 # (mean scale error 0.81 on 2 objects, 1.30 on 3, 0% recovered), and oversized objects cover the
 # whole image, which makes every matching slow. Run it with --ot-only.
 RECOVERED_T, RECOVERED_S = 0.02, 0.05
@@ -247,7 +247,7 @@ def main() -> None:
     if args.only in (None, "speed"):
         speed(args.speed_resolution, args.iterations, args.min_faces)
     if args.ot_only:
-        METHODS["OT only (ablation)"] = dict(loss="ot", pixel_l2=0.0)
+        METHODS["OT only (ablation)"] = dict(loss="ot", pixel_weight=0.0)
     if args.only in (None, "accuracy"):
         accuracy(args.accuracy_resolution, args.iterations, args.seeds)
     if args.only == "rate":  # not part of the default run: the accuracy table covers the defaults

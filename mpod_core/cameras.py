@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -171,25 +171,29 @@ def reference_camera(**kwargs) -> Cameras:
     return orbit_cameras(view["elevation"], view["azimuth"], view["distance"], view["fov"], **kwargs)
 
 
-def pixel_directions_camera(width: int, height: int, focal: torch.Tensor) -> torch.Tensor:
+def pixel_directions_camera(width: int, height: int, focal: torch.Tensor,
+                            rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """Un-normalised camera-space ray directions of every pixel centre.
 
     Args:
         width, height: image size in pixels.
         focal: (N,) focal lengths in pixels.
+        rows: optional (r0, r1): only the image rows r0 <= row < r1.
 
     Returns:
-        (N, H, W, 3) directions with z = -1.
+        (N, H, W, 3) directions with z = -1 ((N, r1 - r0, W, 3) with ``rows``).
     """
+    r0, r1 = (0, height) if rows is None else (int(rows[0]), int(rows[1]))
     focal = focal.reshape(-1, 1, 1)
     i = torch.arange(width, dtype=focal.dtype, device=focal.device) + 0.5 - width / 2
-    j = torch.arange(height, dtype=focal.dtype, device=focal.device) + 0.5 - height / 2
-    x = (i[None, None, :] / focal).expand(-1, height, width)
-    y = (-j[None, :, None] / focal).expand(-1, height, width)
+    j = torch.arange(r0, r1, dtype=focal.dtype, device=focal.device) + 0.5 - height / 2
+    x = (i[None, None, :] / focal).expand(-1, r1 - r0, width)
+    y = (-j[None, :, None] / focal).expand(-1, r1 - r0, width)
     return torch.stack([x, y, -torch.ones_like(x)], dim=-1)
 
 
-def get_rays(cameras: Cameras, width: int, height: int, normalize: bool = True):
+def get_rays(cameras: Cameras, width: int, height: int, normalize: bool = True,
+             rows: Optional[Tuple[int, int]] = None):
     """World-space rays through every pixel centre.
 
     Args:
@@ -197,13 +201,15 @@ def get_rays(cameras: Cameras, width: int, height: int, normalize: bool = True):
         width, height: image size in pixels (> 0).
         normalize: unit-length directions (else camera-space z component = -1,
             so the ray parameter equals view depth).
+        rows: optional (r0, r1): only the image rows r0 <= row < r1 (a band of
+            the image, to bound memory).
 
     Returns:
-        origins (N, H, W, 3) and directions (N, H, W, 3).
+        origins (N, H, W, 3) and directions (N, H, W, 3) ((N, r1 - r0, W, 3) with ``rows``).
     """
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
-    dirs_cam = pixel_directions_camera(width, height, cameras.focal(height))
+    dirs_cam = pixel_directions_camera(width, height, cameras.focal(height), rows)
     rot = cameras.c2w[:, :3, :3]
     dirs = torch.einsum("nij,nhwj->nhwi", rot, dirs_cam)
     if normalize:

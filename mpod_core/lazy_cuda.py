@@ -8,8 +8,24 @@ ImportError carrying the install hint.
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import torch
+
+_WARNED: set = set()
+
+
+def warn_fallback_once(library: str, message: str, stacklevel: int = 3) -> None:
+    """One RuntimeWarning per process and ``library`` that ``backend='auto'`` fell back to PyTorch.
+
+    Args:
+        library: the CUDA library's name (the once-per-process key).
+        message: why, and what is used instead.
+    """
+    if library in _WARNED:
+        return
+    _WARNED.add(library)
+    warnings.warn(f"{message}; this warning is shown once per process.", RuntimeWarning, stacklevel=stacklevel + 1)
 
 
 class LazyCudaModule:

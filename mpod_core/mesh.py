@@ -12,7 +12,6 @@ rendering, and saves meshes atomically. It never imports ComfyUI.
 from __future__ import annotations
 
 import os
-import tempfile
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +22,19 @@ import torch
 import trimesh
 from PIL import Image
 
+from .atomic import atomic_write
+
 #: File extensions :func:`load_mesh` reads (lower case, with the dot).
 LOAD_EXTENSIONS = (".glb", ".gltf", ".obj", ".ply", ".stl")
 #: Formats :func:`save_mesh` writes.
 SAVE_FORMATS = ("glb", "obj", "ply")
 #: Node names :func:`compose_scene` gives objects without a name: object_00, object_01, ...
 DEFAULT_OBJECT_NAME = "object_{:02d}"
+
+
+def object_name(index: int) -> str:
+    """The name of object ``index`` (0-based) in every output and message: object_00, object_01, ..."""
+    return DEFAULT_OBJECT_NAME.format(index)
 #: RGBA in [0, 1] that :func:`flatten_scene` gives uncoloured objects flattened together with
 #: coloured or textured ones (the renderer's plain grey).
 UNCOLORED_RGBA = (0.8, 0.8, 0.8, 1.0)
@@ -194,7 +200,7 @@ def compose_scene(meshes: Sequence[MeshLike], names: Union[None, str, Sequence[s
         raise MeshError(f"compose_scene: {len(transforms)} transforms for {len(meshes)} meshes")
     scene = trimesh.Scene()
     for i, (mesh, node) in enumerate(zip(meshes, node_names)):
-        where = f"mesh {i + 1} ('{node}')"
+        where = f"compose_scene: {node}"
         check_mesh(mesh, where)
         geometry = flatten_scene(mesh) if isinstance(mesh, trimesh.Scene) else mesh.copy()
         transform = np.eye(4) if transforms is None else np.asarray(transforms[i], dtype=np.float64)
@@ -523,34 +529,6 @@ def bake_texture_to_vertex_colors(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
     return out
 
 
-def _atomic_write(files: dict[Path, bytes]) -> None:
-    """Write several files so that none is ever seen half-written.
-
-    Each file is written to a temporary name in its own folder and renamed into
-    place only after every file of the set has been written; on any error the
-    temporaries are removed and no target is touched.
-    """
-    temps: list[tuple[str, Path]] = []
-    try:
-        for target, data in files.items():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-            temps.append((tmp, target))
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-        for tmp, target in temps:
-            os.replace(tmp, target)
-        temps = []
-    finally:
-        for tmp, _ in temps:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-
-
 def _is_trs(matrix: np.ndarray, tol: float = 1e-6) -> bool:
     """Whether a 4x4 matrix is translation x rotation x scale, as a glTF node matrix must be."""
     if not np.allclose(matrix[3], [0, 0, 0, 1], atol=tol):
@@ -655,6 +633,6 @@ def save_mesh(mesh: MeshLike, path: str | os.PathLike, file_format: Optional[str
     # mesh file that exists always has everything it refers to.
     targets = {path.parent / name: data for name, data in files.items() if path.parent / name != main}
     targets[main] = files[main.name]
-    _atomic_write(targets)
+    atomic_write(targets)
     return [main] + [p for p in targets if p != main]
 

@@ -25,6 +25,8 @@ from typing import Callable, Dict, Literal, Mapping, Optional, Tuple
 
 import torch
 
+from .mesh import object_name
+
 #: The official checkpoints (https://github.com/facebookresearch/segment-anything#model-checkpoints).
 SAM_CHECKPOINTS = {
     "vit_b": "sam_vit_b_01ec64.pth",
@@ -123,21 +125,21 @@ def parse_boxes(text: str, width: int, height: int) -> torch.Tensor:
             size = entry.get("image_size")
             if size is not None and (not isinstance(size, (list, tuple)) or len(size) != 2
                                      or not all(_is_number(v) for v in size)):
-                raise ValueError(f"box {k}: image_size must be [width, height], got {json.dumps(size)}")
+                raise ValueError(f"{object_name(k)}: box: image_size must be [width, height], got {json.dumps(size)}")
             if size is not None and [int(v) for v in size] != [width, height]:
-                raise ValueError(f"box {k}: it was made for a {size[0]}x{size[1]} image, this image is "
+                raise ValueError(f"{object_name(k)}: box: it was made for a {size[0]}x{size[1]} image, this image is "
                                  f"{width}x{height}")
             key = "object_box" if "object_box" in entry else "box"
             if key not in entry:
-                raise ValueError(f"box {k}: a dict needs an 'object_box' or 'box' key, got keys {sorted(entry)}")
+                raise ValueError(f"{object_name(k)}: box: a dict needs an 'object_box' or 'box' key, got keys {sorted(entry)}")
             entry = entry[key]
         if not isinstance(entry, (list, tuple)) or len(entry) != 4 or not all(_is_number(v) for v in entry):
-            raise ValueError(f"box {k}: expected 4 numbers [x0, y0, x1, y1], got {json.dumps(entry)}")
+            raise ValueError(f"{object_name(k)}: box: expected 4 numbers [x0, y0, x1, y1], got {json.dumps(entry)}")
         x0, y0, x1, y1 = (float(v) for v in entry)
         if x1 <= x0 or y1 <= y0:
-            raise ValueError(f"box {k} {_fmt(entry)}: needs x1 > x0 and y1 > y0")
+            raise ValueError(f"{object_name(k)}: box {_fmt(entry)}: needs x1 > x0 and y1 > y0")
         if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
-            raise ValueError(f"box {k} {_fmt(entry)} is entirely outside the {width}x{height} image")
+            raise ValueError(f"{object_name(k)}: box {_fmt(entry)} is entirely outside the {width}x{height} image")
         boxes.append([max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))])
     return torch.tensor(boxes, dtype=torch.float32)
 
@@ -188,7 +190,7 @@ def boxes_from_masks(masks: torch.Tensor, threshold: float = 0.5,
     fg = masks.detach().float().cpu() > threshold
     for k in range(fg.shape[0]):
         if not fg[k].any():
-            raise ValueError(f"mask {k} is empty (no pixel above {threshold}); remove it or fix it")
+            raise ValueError(f"{object_name(k)}: mask is empty (no pixel above {threshold}); remove it or fix it")
     if fg.shape[0] > 1:
         rows, cols = fg.any(dim=2), fg.any(dim=1)  # (K, H), (K, W)
         h_idx = torch.arange(fg.shape[1], dtype=torch.float32)

@@ -2,7 +2,7 @@
 from comfy_api.latest import ComfyExtension, io
 
 from . import mesh_nodes, nerf_nodes, reparo_nodes, sam_nodes, sds_nodes
-from .registry import NODE_DISPLAY_NAMES
+from .registry import NODE_DISPLAY_NAMES, registrable_nodes
 
 #: Every node of the pack, gathered from the per-topic modules.
 NODE_LIST: list[type[io.ComfyNode]] = [*mesh_nodes.NODES, *sds_nodes.NODES, *nerf_nodes.NODES, *reparo_nodes.NODES,
@@ -11,8 +11,5 @@ NODE_LIST: list[type[io.ComfyNode]] = [*mesh_nodes.NODES, *sds_nodes.NODES, *ner
 
 class MPOD3DExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        ids = [node.define_schema().node_id for node in NODE_LIST]
-        missing = set(ids) ^ set(NODE_DISPLAY_NAMES)
-        if missing or len(ids) != len(set(ids)):
-            raise RuntimeError(f"node registry out of sync with the node classes: {sorted(missing)}")
-        return NODE_LIST
+        # A drifted id or a schema that raises costs that node only (logged), never the whole pack.
+        return registrable_nodes(NODE_LIST, NODE_DISPLAY_NAMES)

@@ -11,16 +11,10 @@ from comfy_api.latest import Types, io
 
 from ..mpod_core import cameras as cam
 from ..mpod_core import mesh as meshlib
-from ..mpod_core.render import BACKENDS as RENDER_BACKENDS
 from ..mpod_core.render import render_mesh
+from ..mpod_core.render.mesh_renderer import MAX_RENDER_PIXELS
 from . import comfy_bridge as bridge
-from .registry import MESH_CATEGORY, NODE_DISPLAY_NAMES, TRIMESH_TYPE
-
-Trimesh = io.Custom(TRIMESH_TYPE)
-
-
-def _schema(node_id: str, **kwargs) -> io.Schema:
-    return io.Schema(node_id=node_id, display_name=NODE_DISPLAY_NAMES[node_id], category=MESH_CATEGORY, **kwargs)
+from .schema import RENDER_BACKEND_TOOLTIP, RENDER_BACKENDS, Trimesh, backend_input, check_backend, node_schema
 
 
 class LoadMesh(io.ComfyNode):
@@ -28,14 +22,16 @@ class LoadMesh(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return _schema(
+        return node_schema(
             "MPOD3D_LoadMesh",
-            description="Load a .glb/.gltf/.obj/.ply/.stl mesh from ComfyUI's input folder (sub-folders "
-                        "included; the upload button puts files in input/3d). Keeps vertex colours and UV textures.",
+            description="Load a .glb/.gltf/.obj/.ply/.stl mesh from ComfyUI's input folder (its top level and "
+                        "input/3d, where the upload button puts files). Keeps vertex colours and UV textures.",
             inputs=[
-                io.Combo.Input("mesh_file", options=bridge.list_input_files(meshlib.LOAD_EXTENSIONS),
+                io.Combo.Input("mesh_file",
+                               options=bridge.list_input_files(meshlib.LOAD_EXTENSIONS, [bridge.MESH_UPLOAD_SUBFOLDER]),
                                upload=io.UploadType.model,
-                               tooltip="Mesh file, relative to ComfyUI's input folder. Supported: "
+                               tooltip="Mesh file at the top level of ComfyUI's input folder or under input/3d "
+                                       "(other names under input/ load when typed in a workflow). Supported: "
                                        + ", ".join(meshlib.LOAD_EXTENSIONS)
                                        + ". A .gltf needs its .bin and textures beside it; prefer .glb."),
                 io.Boolean.Input("normalize", default=False,
@@ -79,7 +75,7 @@ class SaveMesh(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return _schema(
+        return node_schema(
             "MPOD3D_SaveMesh",
             description="Save a mesh as GLB (default), OBJ (+ .mtl and texture) or PLY under ComfyUI's output "
                         "folder. Files appear only when complete. Wire mesh_path into core Preview3D to see it. "
@@ -120,7 +116,7 @@ class RenderMeshViews(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return _schema(
+        return node_schema(
             "MPOD3D_RenderMeshViews",
             description="Render a mesh (or a scene, all its objects together) from orbit cameras (y up, "
                         "azimuth 0 / elevation 0 = front view on +z) to colour, normal and depth images and a "
@@ -146,9 +142,7 @@ class RenderMeshViews(io.ComfyNode):
                 io.Float.Input("background", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Grey level of the background of the colour image (1 = white)."),
                 io.Boolean.Input("antialias", default=True, tooltip="Anti-alias silhouette edges."),
-                io.Combo.Input("backend", options=list(RENDER_BACKENDS), default="auto",
-                               tooltip="auto: nvdiffrast on CUDA when installed, else the pure-PyTorch "
-                                       "rasterizer."),
+                backend_input(RENDER_BACKEND_TOOLTIP),
             ],
             outputs=[
                 io.Image.Output("image", display_name="image",
@@ -162,6 +156,19 @@ class RenderMeshViews(io.ComfyNode):
             ],
         )
 
+    @classmethod  # named arguments only: with **kwargs ComfyUI skips its own range/option checks of every input
+    def validate_inputs(cls, azimuths: str, elevations: str, width: int, height: int) -> bool | str:
+        try:
+            n_views = len(cam.parse_view_lists(elevations, azimuths)[0])
+        except (TypeError, ValueError):  # linked (None here) or malformed: reported when the node runs
+            return True
+        pixels = n_views * int(width) * int(height)
+        if pixels > MAX_RENDER_PIXELS:
+            return (f"Render Mesh Views: views x width x height = {n_views} x {width} x {height} = {pixels} exceeds "
+                    f"{MAX_RENDER_PIXELS} (two 4096x4096 views), the most its output images may hold in memory; "
+                    f"render fewer views or smaller images")
+        return True
+
     @classmethod
     def execute(cls, mesh, azimuths, elevations, distance, fov, width, height, frame_mesh, background,
                 antialias, backend) -> io.NodeOutput:
@@ -173,7 +180,8 @@ class RenderMeshViews(io.ComfyNode):
         tensors = meshlib.mesh_to_tensors(meshlib.normalize_mesh(mesh) if frame_mesh else mesh, device=device)
         out = render_mesh(tensors.vertices, tensors.faces, cameras, width, height,
                           vertex_colors=tensors.vertex_colors, uv=tensors.uv, texture=tensors.texture,
-                          background=(background,) * 3, antialias=antialias, backend=backend,
+                          background=(background,) * 3, antialias=antialias,
+                          backend=RENDER_BACKENDS[check_backend("Render Mesh Views", backend)],
                           progress=bridge.Progress(len(cameras)))
         normal = torch.where(out.alpha[..., None] > 0, out.normal * 0.5 + 0.5, torch.zeros_like(out.normal))
         return io.NodeOutput(out.color.cpu(), normal.cpu(), _depth_image(out.depth, out.alpha).cpu(),
@@ -196,7 +204,7 @@ class MeshToComfyMesh(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return _schema(
+        return node_schema(
             "MPOD3D_MeshToComfyMesh",
             description="Convert a mesh to ComfyUI's native MESH (geometry only: native MESH has no colours), "
                         "for core nodes such as Save GLB. A scene becomes one mesh with its placements applied.",
@@ -218,7 +226,7 @@ class ComfyMeshToMesh(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return _schema(
+        return node_schema(
             "MPOD3D_ComfyMeshToMesh",
             description="Convert ComfyUI's native MESH (e.g. from Hunyuan3D's VAE decode) to the pack's mesh type.",
             inputs=[
@@ -250,7 +258,7 @@ class MeshList(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return _schema(
+        return node_schema(
             "MPOD3D_MeshList",
             description=f"Gather up to {MESH_LIST_SLOTS} meshes into a list, in input order, skipping unconnected "
                         "inputs. A node that takes one mesh runs once per item (Save Mesh: one file each); "
@@ -278,7 +286,7 @@ class ComposeScene(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return _schema(
+        return node_schema(
             "MPOD3D_ComposeScene",
             description="Put a list of meshes (e.g. from Mesh List) into one scene with one named object per "
                         "mesh, each where its vertices already are. Save Mesh writes a scene as one GLB with "

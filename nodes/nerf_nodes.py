@@ -7,28 +7,21 @@ from comfy_api.latest import io
 
 from ..mpod_core import cameras as cam
 from ..mpod_core.fields import RadianceField, load_radiance_field, read_settings, save_radiance_field
-from ..mpod_core.fields.extract import extract_mesh
+from ..mpod_core.fields.extract import MAX_SURFACE_CELLS, extract_mesh
+from ..mpod_core.fields.radiance_field import MAX_OPACITY_PIXELS
 from ..mpod_core.fields.nerf import NeRFFieldConfig
 from ..mpod_core.configdoc import field_docs
 from ..mpod_core.guidance import SDSConfig
-from ..mpod_core.guidance.schedules import TIMESTEP_PRESET_NAMES, TIMESTEP_PRESETS, TimestepSchedule
-from ..mpod_core.pipelines.mpod123 import (MAX_GUIDANCE_PIXELS, MAX_RESOLUTION, MAX_SAMPLES_PER_RAY, Stage1Config,
+from ..mpod_core.guidance.schedules import TIMESTEP_PRESETS, TimestepSchedule
+from ..mpod_core.pipelines.mpod123 import (MAX_GUIDANCE_PIXELS, MAX_SAMPLES_PER_RAY, Stage1Config,
                                            fit_stage1, prepare_reference, turntable_cameras)
 from . import comfy_bridge as bridge
 from .comfy_bridge.diffusion import ComfyZero123Denoiser
-from .registry import MPOD123_CATEGORY, NODE_DISPLAY_NAMES, RADIANCE_FIELD_TYPE, TRIMESH_TYPE
+from .schema import (FIELD_BACKEND_TOOLTIP, FIELD_BACKENDS, RadianceFieldType, Trimesh, backend_input, check_backend,
+                     check_image, check_masks, config_input, loss_map_output, node_schema)
 
-RadianceFieldType = io.Custom(RADIANCE_FIELD_TYPE)
-Trimesh = io.Custom(TRIMESH_TYPE)
 
-#: Widget value -> hash-grid backend of mpod_core.encoding.
-FIELD_BACKENDS = {"auto": "auto", "torch": "torch", "cuda": "tcnn"}
 FIELD_EXTENSIONS = (".safetensors",)
-
-
-def _schema(node_id: str, **kwargs) -> io.Schema:
-    return io.Schema(node_id=node_id, display_name=NODE_DISPLAY_NAMES[node_id], category=MPOD123_CATEGORY,
-                     **kwargs)
 
 
 def _field_input():
@@ -42,32 +35,11 @@ def _check_field(field, name: str = "field") -> RadianceField:
     return field
 
 
-def _trainable_copy(field: RadianceField, backend: str, device) -> RadianceField:
-    """A fresh, trainable copy (ComfyUI caches node outputs: never train the upstream object;
-    its tensors may also be inference tensors, which autograd refuses)."""
-    copy = RadianceField(field.config, samples_per_ray=field.samples_per_ray,
-                         grid_resolution=field.grid.resolution[0], backend=backend, meta=dict(field.meta),
-                         alpha_threshold=field.alpha_threshold, early_stop_eps=field.early_stop_eps)
-    copy.grid.ema_decay, copy.grid.threshold, copy.grid.warmup_steps = (
-        field.grid.ema_decay, field.grid.threshold, field.grid.warmup_steps)
-    state = {k: v.detach().clone() for k, v in field.state_dict().items()}
-    copy.load_state_dict(state)
-    copy.optimizer_state = {name: {k: v.detach().clone() for k, v in m.items()}
-                            for name, m in field.optimizer_state.items()}
-    return copy.to(device)
-
-
 def _reference_inputs(image: torch.Tensor, mask, invert_mask: bool):
     """ComfyUI IMAGE (+ MASK) -> (H, W, 3) image and (H, W) foreground mask."""
-    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] not in (3, 4):
-        raise ValueError("image: expected a ComfyUI IMAGE (B, H, W, 3 or 4)")
-    img = image[0].float()
+    img = check_image(image, "Zero123 SDS NeRF")[0].float()
     if mask is not None:
-        m = mask.float()
-        if m.ndim == 3:
-            m = m[0]
-        if m.ndim != 2:
-            raise ValueError(f"mask: expected a ComfyUI MASK (B, H, W) or (H, W), got {tuple(mask.shape)}")
+        m = check_masks(mask, "Zero123 SDS NeRF", "mask")[0].float()
     elif img.shape[-1] == 4:
         m = img[..., 3]
     else:
@@ -78,12 +50,6 @@ def _reference_inputs(image: torch.Tensor, mask, invert_mask: bool):
     return img[..., :3], m
 
 
-def _tip(text: str, cls: type = Stage1Config, name: str | None = None) -> str:
-    """A tooltip: ``text`` followed by the core field's docstring (which names the default's source)."""
-    doc = field_docs(cls).get(name, "") if name else ""
-    return f"{text} {doc}".strip()
-
-
 class Zero123SDSNeRF(io.ComfyNode):
     """MPOD123 stage 1: a NeRF from one image under Zero123 score distillation."""
 
@@ -92,7 +58,7 @@ class Zero123SDSNeRF(io.ComfyNode):
         d = Stage1Config()
         custom = d.custom_timesteps
         presets = "; ".join(f"{k}: {v.source}" for k, v in TIMESTEP_PRESETS.items())
-        return _schema(
+        return node_schema(
             "MPOD3D_Zero123SDSNeRF",
             description="MPOD123 stage 1: optimise a hash-grid NeRF so that its front view matches the image "
                         "(RGB + mask losses) and its novel views are likely under Stable Zero123 (score "
@@ -117,26 +83,20 @@ class Zero123SDSNeRF(io.ComfyNode):
                 io.Boolean.Input("invert_mask", default=False,
                                  tooltip="Turn on when the mask is 1 on the background, e.g. Load Image's MASK "
                                          "(1 where the picture is transparent)."),
-                io.Int.Input("iterations", default=d.iterations, min=1, max=100000,
-                             tooltip=_tip("", name="iterations")),
-                io.Int.Input("resolution", default=d.resolution, min=16, max=MAX_RESOLUTION, step=8,
-                             tooltip=_tip("Render size of every view; memory stays bounded (two-pass backward), "
-                                          "time grows with the pixels.", name="resolution")),
-                io.Int.Input("guidance_resolution", default=d.guidance_resolution, min=64, max=512, step=8,
-                             tooltip=_tip(f"batch_size x guidance_resolution^2 may not exceed "
-                                          f"{MAX_GUIDANCE_PIXELS} (the encoder's backward memory).",
-                                          name="guidance_resolution")),
-                io.Int.Input("batch_size", default=d.batch_size, min=1, max=4,
-                             tooltip=_tip("Views per SDS step.", name="batch_size")),
-                io.Float.Input("learning_rate", default=d.learning_rate, min=1e-5, max=1.0, step=1e-4,
-                               tooltip=_tip("", name="learning_rate") + " "
-                                       + field_docs(Stage1Config)["encoding_lr_scale"]),
+                config_input(Stage1Config, "iterations"),
+                config_input(Stage1Config, "resolution", "Render size of every view; memory stays bounded "
+                                                         "(two-pass backward), time grows with the pixels."),
+                config_input(Stage1Config, "guidance_resolution", f"batch_size x guidance_resolution^2 may not "
+                                                                  f"exceed {MAX_GUIDANCE_PIXELS} (the encoder's "
+                                                                  f"backward memory)."),
+                config_input(Stage1Config, "batch_size", "Views per SDS step."),
+                config_input(Stage1Config, "learning_rate", field_docs(Stage1Config)["encoding_lr_scale"]),
                 io.Float.Input("guidance_scale", default=d.sds.guidance_scale, min=0.0, max=100.0, step=0.1,
                                tooltip="Classifier-free guidance of Zero123 (threestudio "
                                        "configs/stable-zero123.yaml guidance_scale: 3)."),
-                io.Combo.Input("timestep_preset", options=list(TIMESTEP_PRESET_NAMES), default=d.timestep_preset,
-                               tooltip="Noise levels sampled for SDS, annealed over fractions of the run. "
-                                       f"{presets}; custom: the six widgets below."),
+                config_input(Stage1Config, "timestep_preset", "Noise levels sampled for SDS, annealed over "
+                                                              f"fractions of the run. {presets}; custom: the six "
+                                                              "widgets below."),
                 io.Float.Input("min_step", default=custom.min_step, min=0.0, max=1.0, step=0.01,
                                tooltip="custom preset only: lowest timestep at the start, fraction of the schedule."),
                 io.Float.Input("max_step", default=custom.max_step, min=0.0, max=1.0, step=0.01,
@@ -145,47 +105,31 @@ class Zero123SDSNeRF(io.ComfyNode):
                                tooltip="custom preset only: lowest timestep after the anneal."),
                 io.Float.Input("anneal_max_step", default=custom.max_step, min=0.0, max=1.0, step=0.01,
                                tooltip="custom preset only: highest timestep after the anneal."),
-                io.Float.Input("anneal_start", default=custom.anneal_start, min=0.0, max=1.0, step=0.01,
-                               tooltip=_tip("custom preset only.", TimestepSchedule, "anneal_start")),
-                io.Float.Input("anneal_end", default=custom.anneal_end, min=0.0, max=1.0, step=0.01,
-                               tooltip=_tip("custom preset only.", TimestepSchedule, "anneal_end")),
-                io.Float.Input("reference_probability", default=d.reference_probability, min=0.0, max=1.0,
-                               step=0.05, tooltip=_tip("", name="reference_probability")),
-                io.Float.Input("reference_elevation", default=d.reference_elevation, min=-89.0, max=89.0, step=1.0,
-                               tooltip=_tip("", name="reference_elevation")),
+                *(config_input(TimestepSchedule, name, "custom preset only.", default=getattr(custom, name), min=0.0,
+                               max=1.0, step=0.01) for name in ("anneal_start", "anneal_end")),
+                config_input(Stage1Config, "reference_probability"),
+                config_input(Stage1Config, "reference_elevation"),
                 io.Float.Input("elevation_min", default=d.elevation_range[0], min=-89.0, max=89.0, step=1.0,
                                tooltip="Lowest elevation of random novel views, degrees (Magic123: -45)."),
                 io.Float.Input("elevation_max", default=d.elevation_range[1], min=-89.0, max=89.0, step=1.0,
                                tooltip="Highest elevation of random novel views, degrees (Magic123: 45)."),
-                io.Float.Input("camera_distance", default=d.distance, min=0.1, max=100.0, step=0.05,
-                               tooltip=_tip("", name="distance")),
-                io.Float.Input("fov", default=d.fov, min=1.0, max=179.0, step=0.5, tooltip=_tip("", name="fov")),
-                io.Float.Input("lambda_orient", default=d.lambda_orient, min=0.0, max=1000.0, step=0.01,
-                               tooltip=_tip("Penalises normals facing away from the camera on visible matter "
-                                            "(DreamFusion); 0 = off.", name="lambda_orient")),
-                io.Float.Input("lambda_normal_smooth", default=d.lambda_normal_smooth, min=0.0, max=1000.0,
-                               step=0.01, tooltip=_tip("Smooths the rendered normal map; 0 = off.",
-                                                       name="lambda_normal_smooth")),
-                io.Float.Input("lambda_sparsity", default=d.lambda_sparsity, min=0.0, max=1000.0, step=0.01,
-                               tooltip=_tip("Against haze: mean opacity of novel views; 0 = off.",
-                                            name="lambda_sparsity")),
-                io.Float.Input("lambda_opaque", default=d.lambda_opaque, min=0.0, max=1000.0, step=0.01,
-                               tooltip=_tip("Pushes pixels to empty or opaque; 0 = off.", name="lambda_opaque")),
-                io.Boolean.Input("shading_augmentation", default=d.shading_augmentation,
-                                 tooltip=_tip("", name="shading_augmentation")),
-                io.Int.Input("coarse_levels", default=d.coarse_levels, min=0, max=16,
-                             tooltip=_tip(f"For the first {d.coarse_fraction:.0%} of the run.", name="coarse_levels")),
+                config_input(Stage1Config, "distance"),
+                config_input(Stage1Config, "fov"),
+                config_input(Stage1Config, "lambda_orient", "Penalises normals facing away from the camera on "
+                                                            "visible matter (DreamFusion); 0 = off."),
+                config_input(Stage1Config, "lambda_normal_smooth", "Smooths the rendered normal map; 0 = off."),
+                config_input(Stage1Config, "lambda_sparsity", "Against haze: mean opacity of novel views; 0 = off."),
+                config_input(Stage1Config, "lambda_opaque", "Pushes pixels to empty or opaque; 0 = off."),
+                config_input(Stage1Config, "shading_augmentation"),
+                config_input(Stage1Config, "coarse_levels", f"For the first {d.coarse_fraction:.0%} of the run."),
                 io.Int.Input("samples_per_ray", default=256, min=16, max=MAX_SAMPLES_PER_RAY,
                              tooltip="Marching samples across the field's cube diagonal (a fresh field's; a "
                                      "resumed field keeps its own): more is sharper and slower. "
                                      f"At most {MAX_SAMPLES_PER_RAY}, the ray marcher's cap."),
                 io.Int.Input("turntable_frames", default=8, min=1, max=360,
                              tooltip="Views of the turntable output (one full turn at elevation 0)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip=_tip("Also seeds a fresh field's initial weights.", name="seed")),
-                io.Combo.Input("backend", options=list(FIELD_BACKENDS), default="auto",
-                               tooltip="Hash grid: cuda = tinycudann (GPU, must be installed), torch = pure PyTorch "
-                                       "(any device), auto = cuda when available."),
+                config_input(Stage1Config, "seed", "Also seeds a fresh field's initial weights."),
+                backend_input(FIELD_BACKEND_TOOLTIP),
             ],
             outputs=[
                 RadianceFieldType.Output("field", display_name="field",
@@ -193,6 +137,7 @@ class Zero123SDSNeRF(io.ComfyNode):
                                                  "moments)."),
                 io.Image.Output("turntable", display_name="turntable",
                                 tooltip="Renders of the field from turntable_frames views on white."),
+                loss_map_output("rgb, mask, sds, orient, ..."),
             ],
         )
 
@@ -209,7 +154,7 @@ class Zero123SDSNeRF(io.ComfyNode):
     def execute(cls, model, clip_vision, vae, image, invert_mask, iterations, resolution, guidance_resolution,
                 batch_size, learning_rate, guidance_scale, timestep_preset, min_step, max_step, anneal_min_step,
                 anneal_max_step, anneal_start, anneal_end, reference_probability, reference_elevation,
-                elevation_min, elevation_max, camera_distance, fov, lambda_orient, lambda_normal_smooth,
+                elevation_min, elevation_max, distance, fov, lambda_orient, lambda_normal_smooth,
                 lambda_sparsity, lambda_opaque, shading_augmentation, coarse_levels, samples_per_ray,
                 turntable_frames, seed, backend, mask=None, resume_field=None) -> io.NodeOutput:
         ref_image, ref_mask = _reference_inputs(image, mask, invert_mask)
@@ -217,19 +162,19 @@ class Zero123SDSNeRF(io.ComfyNode):
             iterations=iterations, resolution=resolution, guidance_resolution=guidance_resolution,
             batch_size=batch_size, learning_rate=learning_rate, reference_probability=reference_probability,
             reference_elevation=reference_elevation, elevation_range=(elevation_min, elevation_max),
-            distance=camera_distance, fov=fov, seed=seed, sds=SDSConfig(guidance_scale=guidance_scale),
+            distance=distance, fov=fov, seed=seed, sds=SDSConfig(guidance_scale=guidance_scale),
             timestep_preset=timestep_preset,
             custom_timesteps=TimestepSchedule(min_step, max_step, anneal_min_step, anneal_max_step, anneal_start,
                                               anneal_end),
             lambda_orient=lambda_orient, lambda_normal_smooth=lambda_normal_smooth, lambda_sparsity=lambda_sparsity,
             lambda_opaque=lambda_opaque, shading_augmentation=shading_augmentation, coarse_levels=coarse_levels)
         config.validate()
-        if backend not in FIELD_BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(FIELD_BACKENDS)}, got {backend!r}")
+        check_backend("Zero123 SDS NeRF", backend)
         device = bridge.torch_device()
         with torch.inference_mode(False), torch.enable_grad():
             if resume_field is not None:
-                field = _trainable_copy(_check_field(resume_field, "resume_field"), FIELD_BACKENDS[backend], device)
+                # ComfyUI caches node outputs: train a copy, never the upstream field.
+                field = _check_field(resume_field, "resume_field").copy(backend=FIELD_BACKENDS[backend], device=device)
             else:
                 with torch.random.fork_rng(devices=[]):  # seed the initial weights without touching global state
                     torch.manual_seed(seed)
@@ -247,10 +192,10 @@ class Zero123SDSNeRF(io.ComfyNode):
         field.meta["training"] = {"image_size": list(ref_image.shape[:2]), "seed": seed,
                                   "guidance_scale": guidance_scale, "timestep_preset": timestep_preset,
                                   "iterations_last_run": iterations}
-        cams = turntable_cameras(turntable_frames, 0.0, camera_distance, fov)
+        cams = turntable_cameras(turntable_frames, 0.0, distance, fov)
         with torch.no_grad():
             turntable = _render_views(field, cams, resolution)
-        return io.NodeOutput(field.eval(), turntable)
+        return io.NodeOutput(field.eval(), turntable, result.loss_map)
 
 
 def _render_views(field: RadianceField, cams, resolution: int) -> torch.Tensor:
@@ -274,7 +219,7 @@ class OpacityMask(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return _schema(
+        return node_schema(
             "MPOD3D_OpacityMask",
             description="Outline masks of a radiance field (MPOD123 eq. 3-5): the opacity accumulated from density "
                         "alone, thresholded. These masks drive the mask-rectified attention of stage 2.",
@@ -289,7 +234,9 @@ class OpacityMask(io.ComfyNode):
                                tooltip="Camera distance; 0 = the distance the field was fitted with."),
                 io.Float.Input("fov", default=0.0, min=0.0, max=179.0, step=0.5,
                                tooltip="Vertical field of view, degrees; 0 = the field's own."),
-                io.Int.Input("resolution", default=128, min=8, max=2048, step=8, tooltip="Mask size in pixels."),
+                io.Int.Input("resolution", default=128, min=8, max=2048, step=8,
+                             tooltip=f"Mask size in pixels (views x resolution^2 at most {MAX_OPACITY_PIXELS}, "
+                                     f"16 views of 2048)."),
                 io.Float.Input("threshold", default=0.5, min=0.0, max=0.999, step=0.01,
                                tooltip="A pixel is inside the outline when its opacity exceeds this (paper: 0.5)."),
             ],
@@ -298,6 +245,19 @@ class OpacityMask(io.ComfyNode):
                 io.Image.Output("opacity_image", display_name="opacity", tooltip="The raw opacity as a grey image."),
             ],
         )
+
+    @classmethod  # named arguments only: with **kwargs ComfyUI skips its own range/option checks of every input
+    def validate_inputs(cls, azimuths: str, elevations: str, resolution: int) -> bool | str:
+        try:
+            n_views = len(cam.parse_view_lists(elevations, azimuths)[0])
+        except (TypeError, ValueError):  # linked (None here) or malformed: reported when the node runs
+            return True
+        pixels = n_views * int(resolution) ** 2
+        if pixels > MAX_OPACITY_PIXELS:
+            return (f"Opacity Mask: views x resolution^2 = {n_views} x {resolution}^2 = {pixels} exceeds "
+                    f"{MAX_OPACITY_PIXELS} (16 views of 2048x2048), the most its output masks may hold in memory; "
+                    f"ask for fewer views or a smaller resolution")
+        return True
 
     @classmethod
     def execute(cls, field, azimuths, elevations, distance, fov, resolution, threshold) -> io.NodeOutput:
@@ -322,14 +282,16 @@ class FieldToMesh(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return _schema(
+        return node_schema(
             "MPOD3D_FieldToMesh",
             description="Extract a mesh from a radiance field: marching cubes on the density at the threshold, "
                         "vertex colours from the field's albedo. Wire it into Save Mesh.",
             inputs=[
                 _field_input(),
                 io.Int.Input("resolution", default=128, min=16, max=512, step=8,
-                             tooltip="Marching-cubes lattice per axis over the field's cube (memory grows as its cube)."),
+                             tooltip=f"Marching-cubes lattice per axis over the field's cube (memory grows as its cube: "
+                                     f"~0.6 GiB at 512). A surface crossing more than {MAX_SURFACE_CELLS} "
+                                     f"cells is refused before meshing (~2 KB of mesh work a cell)."),
                 io.Float.Input("threshold", default=10.0, min=0.001, max=1000.0, step=0.5,
                                tooltip="Density of the surface. Lower: fuller, puffier shape; higher: only dense "
                                        "matter. A fresh field's blob peaks at ~10."),
@@ -340,14 +302,10 @@ class FieldToMesh(io.ComfyNode):
     @classmethod
     def execute(cls, field, resolution, threshold) -> io.NodeOutput:
         _check_field(field)
-        progress = bridge.Progress(100)
-
-        def step(done: int, total: int) -> None:
-            progress(int(100 * done / max(total, 1)), 100)
-
         with torch.no_grad():
             mesh = extract_mesh(field.field.density, field.aabb, resolution=resolution, threshold=threshold,
-                                color_fn=field.field.albedo, device=field.device, progress=step)
+                                color_fn=field.field.albedo, device=field.device,
+                                progress=bridge.Progress(resolution))
         return io.NodeOutput(mesh)
 
 
@@ -356,15 +314,16 @@ class SaveRadianceField(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return _schema(
+        return node_schema(
             "MPOD3D_SaveRadianceField",
             description="Save a radiance field under ComfyUI's output folder as one .safetensors file (weights, "
                         "occupancy grid and settings). Load Radiance Field lists it for resuming.",
             is_output_node=True,
             inputs=[
                 _field_input(),
-                io.String.Input("filename_prefix", default="fields/mpod3d",
-                                tooltip="Name relative to the output folder; a counter is appended."),
+                io.String.Input("filename_prefix", default=f"{bridge.FIELD_SUBFOLDER}/mpod3d",
+                                tooltip="Name relative to the output folder; a counter is appended. Load "
+                                        "Radiance Field lists what is saved under output/fields."),
             ],
             outputs=[io.String.Output("field_path", display_name="field_path",
                                       tooltip="Saved file, relative to the output folder.")],
@@ -383,15 +342,15 @@ class LoadRadianceField(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return _schema(
+        return node_schema(
             "MPOD3D_LoadRadianceField",
-            description="Load a radiance field (.safetensors from Save Radiance Field) from the input folder or, "
-                        "marked [output], the output folder.",
+            description="Load a radiance field (.safetensors from Save Radiance Field) from the input folder (top "
+                        "level and input/fields) or, marked [output], from output/fields.",
             inputs=[
-                io.Combo.Input("field_file", options=bridge.list_input_and_output_files(FIELD_EXTENSIONS),
-                               tooltip="Field file; entries marked [output] are in ComfyUI's output folder."),
-                io.Combo.Input("backend", options=list(FIELD_BACKENDS), default="auto",
-                               tooltip="Hash-grid backend for the loaded field (files work with both)."),
+                io.Combo.Input("field_file",
+                               options=bridge.list_input_and_output_files(FIELD_EXTENSIONS, [bridge.FIELD_SUBFOLDER]),
+                               tooltip="Field file; entries marked [output] are in ComfyUI's output/fields folder."),
+                backend_input(FIELD_BACKEND_TOOLTIP + " Files work with both."),
             ],
             outputs=[RadianceFieldType.Output("field", display_name="field")],
         )

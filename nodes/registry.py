@@ -3,6 +3,9 @@
 This module imports nothing from ComfyUI so that tests and tools can read it
 outside a server. Node ids are permanent (saved workflows refer to them).
 """
+import logging
+
+log = logging.getLogger(__name__)
 
 CATEGORY = "MPOD3D"
 MESH_CATEGORY = f"{CATEGORY}/mesh"
@@ -31,6 +34,18 @@ NODE_DISPLAY_NAMES = {
     "MPOD3D_SAMSegmentObjects": "SAM Segment Objects",
 }
 
+#: node id -> menu category.
+NODE_CATEGORIES = {
+    **{node_id: MESH_CATEGORY for node_id in ("MPOD3D_LoadMesh", "MPOD3D_SaveMesh", "MPOD3D_RenderMeshViews",
+                                              "MPOD3D_MeshToComfyMesh", "MPOD3D_ComfyMeshToMesh", "MPOD3D_MeshList",
+                                              "MPOD3D_ComposeScene")},
+    "MPOD3D_SDSImageFit": GUIDANCE_CATEGORY,
+    **{node_id: MPOD123_CATEGORY for node_id in ("MPOD3D_Zero123SDSNeRF", "MPOD3D_OpacityMask", "MPOD3D_FieldToMesh",
+                                                 "MPOD3D_SaveRadianceField", "MPOD3D_LoadRadianceField")},
+    **{node_id: REPARO_CATEGORY for node_id in ("MPOD3D_CropObjects", "MPOD3D_OTLayoutAlign", "MPOD3D_LoadSAM",
+                                                "MPOD3D_SAMSegmentObjects")},
+}
+
 #: Custom type name of meshes travelling between nodes (trimesh.Trimesh objects, or a
 #: trimesh.Scene of named objects), the name other popular 3D packs use, so their meshes plug in.
 TRIMESH_TYPE = "TRIMESH"
@@ -41,3 +56,34 @@ RADIANCE_FIELD_TYPE = "RADIANCE_FIELD"
 #: Custom type name of Segment Anything models (segment_anything.modeling.Sam objects),
 #: the name ComfyUI-Impact-Pack's SAMLoader uses, so SAM models plug in across packs.
 SAM_MODEL_TYPE = "SAM_MODEL"
+
+
+def registrable_nodes(nodes: list, display_names: dict[str, str]) -> list:
+    """The node classes whose ``define_schema()`` builds and whose id is in ``display_names``, each
+    id once, in order.
+
+    Any other class is logged (a warning naming the class or id and why) and left out, so one broken
+    or drifted node never takes the rest of the pack down with it. Ids of the table that no class
+    has are logged too (workflows naming them show those nodes as missing).
+    """
+    kept, ids = [], set()
+    for node in nodes:
+        name = getattr(node, "__name__", repr(node))
+        try:
+            node_id = node.define_schema().node_id
+        except Exception as exc:  # a KeyError here is usually an id missing from NODE_DISPLAY_NAMES
+            log.warning("MPOD3D: node class %s not registered: define_schema raised %s: %s",
+                        name, type(exc).__name__, exc, exc_info=True)
+            continue
+        if node_id not in display_names:
+            log.warning("MPOD3D: node %s (class %s) not registered: its id is missing from "
+                        "nodes/registry.py NODE_DISPLAY_NAMES", node_id, name)
+        elif node_id in ids:
+            log.warning("MPOD3D: node %s (class %s) not registered: another class has this id", node_id, name)
+        else:
+            ids.add(node_id)
+            kept.append(node)
+    for node_id in sorted(set(display_names) - ids):
+        log.warning("MPOD3D: node %s is in nodes/registry.py NODE_DISPLAY_NAMES but no node class with "
+                    "this id was registered (see any warning above)", node_id)
+    return kept

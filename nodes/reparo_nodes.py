@@ -8,19 +8,14 @@ import trimesh
 from comfy_api.latest import io
 
 from ..mpod_core import mesh as meshlib
-from ..mpod_core.layout.align import LOSSES, LayoutConfig
+from ..mpod_core.layout.align import LayoutConfig
 from ..mpod_core.layout.crop import crop_objects
 from ..mpod_core.layout.ot_loss import OTLossConfig
-from ..mpod_core.pipelines.reparo import place_objects
-from ..mpod_core.render import BACKENDS as RENDER_BACKENDS
+from ..mpod_core.configdoc import config_from_values
+from ..mpod_core.pipelines.reparo import ReferenceView, place_objects, placed_outputs, semantic_reference
 from . import comfy_bridge as bridge
-from .registry import NODE_DISPLAY_NAMES, REPARO_CATEGORY, TRIMESH_TYPE
-
-Trimesh = io.Custom(TRIMESH_TYPE)
-
-
-def _schema(node_id: str, **kwargs) -> io.Schema:
-    return io.Schema(node_id=node_id, display_name=NODE_DISPLAY_NAMES[node_id], category=REPARO_CATEGORY, **kwargs)
+from .schema import (RENDER_BACKEND_TOOLTIP, RENDER_BACKENDS, Trimesh, backend_input, check_backend, check_image,
+                     check_masks, config_input, loss_map_output, node_schema)
 
 
 class CropObjects(io.ComfyNode):
@@ -28,7 +23,7 @@ class CropObjects(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return _schema(
+        return node_schema(
             "MPOD3D_CropObjects",
             description="Cut every object out of an image: one square crop per mask, the object centred and "
                         "scaled so its longer side covers `fill` of the crop, everything outside its mask set to "
@@ -62,11 +57,8 @@ class CropObjects(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, masks, size, fill, background) -> io.NodeOutput:
-        if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] < 3:
-            raise ValueError("image: expected a ComfyUI IMAGE (B, H, W, 3)")
-        if not isinstance(masks, torch.Tensor) or masks.ndim not in (2, 3):
-            raise ValueError("masks: expected a ComfyUI MASK batch (K, H, W)")
-        m = masks if masks.ndim == 3 else masks[None]
+        image = check_image(image, "Crop Objects")
+        m = check_masks(masks, "Crop Objects", size=image.shape[1:3])
         crops, crop_masks, boxes = crop_objects(image[0, ..., :3].float(), m.float().to(image.device), size=size,
                                                 fill=fill, background=background)
         crops, crop_masks = crops.cpu(), crop_masks.cpu()
@@ -89,7 +81,8 @@ def _meshes(values) -> list:
     if len(meshes) == 1 and isinstance(meshes[0], trimesh.Scene):
         return [obj.mesh.copy().apply_transform(obj.transform)
                 for obj in meshlib.scene_objects(meshes[0], "meshes")]
-    return [meshlib.check_mesh(m, f"meshes: mesh {i + 1}") for i, m in enumerate(meshes)]
+    names = meshlib.object_names(None, len(meshes))
+    return [meshlib.check_mesh(m, f"OT Layout Align: meshes: {names[i]}") for i, m in enumerate(meshes)]
 
 
 class OTLayoutAlign(io.ComfyNode):
@@ -97,7 +90,7 @@ class OTLayoutAlign(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return _schema(
+        return node_schema(
             "MPOD3D_OTLayoutAlign",
             description="Place several meshes in one scene so that their render from the reference camera matches "
                         "the image (REPARO). Each object starts where its mask's box says; translation and scale "
@@ -112,50 +105,16 @@ class OTLayoutAlign(io.ComfyNode):
                                                "Objects' masks); same size as the image."),
                 Trimesh.Input("meshes", tooltip="One mesh per object, in the masks' order: a list (Mesh List, or "
                                                 "an image-to-3D node run on each crop) or one scene."),
-                io.Int.Input("iterations", default=500, min=1, max=10000,
-                             tooltip="Optimisation steps (REPARO: 500)."),
-                io.Float.Input("learning_rate", default=0.02, min=1e-4, max=1.0, step=0.001,
-                               tooltip="Adam learning rate (REPARO: 0.02), decayed by 0.999 per step."),
-                io.Boolean.Input("optimise_translation", default=True,
-                                 tooltip="Move the objects (in the image plane; see optimise_depth)."),
-                io.Boolean.Input("optimise_depth", default=False,
-                                 tooltip="Also move objects towards or away from the camera. Off by default: from "
-                                         "one view a move in depth looks almost like a scale change."),
-                io.Boolean.Input("optimise_scale", default=True, tooltip="Rescale the objects."),
-                io.Boolean.Input("uniform_scale", default=True,
-                                 tooltip="One scale per object (keeps its proportions). Off scales x, y and z "
-                                         "apart, as the paper's code; z is then only constrained by a depth map."),
-                io.Combo.Input("loss", options=list(LOSSES), default="ot",
-                               tooltip="ot: optimal transport (REPARO), reaches objects that start off their "
-                                       "target; l2: plain pixel-wise colour difference, the baseline."),
-                io.Float.Input("alpha_rgb", default=1.0, min=0.0, max=100.0, step=0.1,
-                               tooltip="Weight of colour in the transport cost (eq. 4's alpha)."),
-                io.Float.Input("beta_depth", default=1.0, min=0.0, max=100.0, step=0.1,
-                               tooltip="Weight of depth in the transport cost (beta); used only with a depth map."),
-                io.Float.Input("gamma_xy", default=1.0, min=0.0, max=100.0, step=0.1,
-                               tooltip="Weight of the pixel position in the transport cost (gamma)."),
-                io.Float.Input("pixel_weight", default=1.0, min=0.0, max=100.0, step=0.1,
-                               tooltip="Weight of the pixel-wise term that joins the OT loss for the second "
-                                       "half (it fixes the scales, which OT alone cannot). 0 = OT only."),
-                io.Float.Input("lambda_appearance", default=0.5, min=0.0, max=1.0, step=0.05,
-                               tooltip="Eq. 9's lambda between the appearance and the semantic loss; used only "
-                                       "when clip_vision is connected."),
-                io.Int.Input("semantic_every", default=1, min=1, max=1000,
-                             tooltip="Evaluate the DINOv2 semantic loss every n-th step only (used only with "
-                                     "clip_vision). One DINOv2-large step at 224 px costs ~9 s on a 2-core CPU."),
-                io.Int.Input("match_interval", default=5, min=1, max=100,
-                             tooltip="Steps between two optimal-transport matchings (REPARO: ~5)."),
-                io.Int.Input("resolution", default=256, min=32, max=1024, step=8,
-                             tooltip="Longer side of the renders; the image is resized to it (REPARO: 256)."),
-                io.Float.Input("fov", default=40.0, min=5.0, max=120.0, step=0.5,
-                               tooltip="Vertical field of view of the reference camera, in degrees."),
-                io.Float.Input("camera_distance", default=2.5, min=0.1, max=100.0, step=0.1,
-                               tooltip="Distance of the camera from the world origin; sets the world units."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
-                             tooltip="Seed of the random subsets used by the matching."),
-                io.Combo.Input("backend", options=list(RENDER_BACKENDS), default="auto",
-                               tooltip="Rasterizer: auto (nvdiffrast on CUDA if installed, else PyTorch), torch "
-                                       "or nvdiffrast."),
+                *(config_input(LayoutConfig, name) for name in (
+                    "iterations", "learning_rate", "optimise_translation", "optimise_depth", "optimise_scale",
+                    "uniform_scale", "loss")),
+                *(config_input(OTLossConfig, name) for name in ("alpha", "beta", "gamma")),
+                *(config_input(LayoutConfig, name) for name in ("pixel_weight", "lambda_appearance",
+                                                                "semantic_every")),
+                config_input(OTLossConfig, "match_interval"),
+                *(config_input(ReferenceView, name) for name in ("resolution", "fov", "distance")),
+                config_input(LayoutConfig, "seed"),
+                backend_input(RENDER_BACKEND_TOOLTIP),
                 io.Image.Input("depth", optional=True,
                                tooltip="Optional relative depth of the image, near = bright (e.g. a Depth "
                                        "Anything node's output). Turns the depth term on."),
@@ -172,59 +131,42 @@ class OTLayoutAlign(io.ComfyNode):
                                 tooltip="The final render blended half and half with the reference."),
                 io.String.Output("layout", display_name="layout",
                                  tooltip="JSON: per object its name, world translation, scale and 4x4 matrix."),
+                loss_map_output("ot, pixel, semantic"),
             ],
         )
 
     @classmethod
     def execute(cls, image, masks, meshes, **kwargs) -> io.NodeOutput:
+        node = "OT Layout Align"
         args = {k: _single(v, k) for k, v in kwargs.items()}
-        image, masks = _single(image, "image"), _single(masks, "masks")
+        image = check_image(_single(image, "image"), node)
+        reference = image[0, ..., :3].float()
+        masks = check_masks(_single(masks, "masks"), node, size=reference.shape[:2])
         meshes = _meshes(meshes)
-        if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] < 3:
-            raise ValueError("image: expected a ComfyUI IMAGE (B, H, W, 3)")
-        if not isinstance(masks, torch.Tensor) or masks.ndim not in (2, 3):
-            raise ValueError("masks: expected a ComfyUI MASK batch (K, H, W)")
         depth = args.pop("depth", None)
         if depth is not None:
-            depth = depth[0, ..., :3].float().mean(-1)
+            depth = check_image(depth, node, "depth")[0, ..., :3].float().mean(-1)
         clip_vision = args.pop("clip_vision", None)
-        if args["backend"] not in RENDER_BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(RENDER_BACKENDS)}")
-        config = LayoutConfig(
-            iterations=args["iterations"], learning_rate=args["learning_rate"],
-            optimise_translation=args["optimise_translation"], optimise_depth=args["optimise_depth"],
-            optimise_scale=args["optimise_scale"], uniform_scale=args["uniform_scale"], loss=args["loss"],
-            pixel_l2=args["pixel_weight"], lambda_appearance=args["lambda_appearance"],
-            semantic_every=args["semantic_every"], seed=args["seed"],
-            ot=OTLossConfig(alpha=args["alpha_rgb"], beta=args["beta_depth"], gamma=args["gamma_xy"],
-                            match_interval=args["match_interval"]))
+        config = config_from_values(LayoutConfig, args, ot=config_from_values(OTLossConfig, args))
         config.validate()
+        view = config_from_values(ReferenceView, args)
         names = meshlib.object_names(None, len(meshes))
         device = bridge.torch_device()
-        reference = image[0, ..., :3].float()
         semantic = None
         if clip_vision is not None:
             from .comfy_bridge.semantic import dino_semantic_loss
-            # Compared with renders of the objects on the background: the reference without its own background.
-            union = (masks.float().reshape(-1, *masks.shape[-2:]).amax(0) > 0.5)[..., None].to(reference)
-            semantic = dino_semantic_loss(clip_vision, reference * union + (1 - union))
+            semantic = dino_semantic_loss(clip_vision, semantic_reference(reference, masks, config.background))
         tensors = [meshlib.mesh_to_tensors(m, device=device) for m in meshes]
         with torch.inference_mode(False), torch.enable_grad():
             placement = place_objects(
                 tensors, reference.to(device), masks.float().to(device), config,
-                depth=None if depth is None else depth.to(device), resolution=args["resolution"],
-                distance=args["camera_distance"], fov=args["fov"], semantic_loss=semantic,
-                progress=bridge.Progress(config.iterations), backend=args["backend"], names=names)
-        matrices = placement.matrices.cpu().numpy()
-        placed = []
-        for mesh, matrix in zip(meshes, matrices):
-            moved = mesh.copy()
-            moved.apply_transform(matrix)
-            placed.append(moved)
-        scene = meshlib.compose_scene(meshes, names, transforms=list(matrices))
-        layout = [{"name": n, "translation": t.tolist(), "scale": s.tolist(), "matrix": m.tolist()}
-                  for n, t, s, m in zip(names, placement.translations.cpu(), placement.scales.cpu(), matrices)]
-        return io.NodeOutput(placed, scene, placement.overlay[None].cpu().float(), json.dumps(layout))
+                depth=None if depth is None else depth.to(device), resolution=view.resolution,
+                distance=view.distance, fov=view.fov, semantic_loss=semantic,
+                progress=bridge.Progress(config.iterations),
+                backend=RENDER_BACKENDS[check_backend(node, args["backend"])], names=names)
+        placed, scene, layout = placed_outputs(meshes, placement, names)
+        return io.NodeOutput(placed, scene, placement.overlay[None].cpu().float(), json.dumps(layout),
+                             placement.result.loss_map)
 
 
 NODES = [CropObjects, OTLayoutAlign]

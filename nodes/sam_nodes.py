@@ -5,24 +5,18 @@ so a missing package never stops the pack from loading.
 """
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
 
 from ..mpod_core import segment as seg
 from . import comfy_bridge as bridge
-from .registry import NODE_DISPLAY_NAMES, REPARO_CATEGORY, SAM_MODEL_TYPE
+from .schema import SamModel, check_image, check_masks, node_schema
 
-SamModel = io.Custom(SAM_MODEL_TYPE)
 
 #: ComfyUI model folder of SAM checkpoints (the name other packs use too): models/sams.
 SAM_FOLDER = "sams"
 SAM_EXTENSIONS = (".pth", ".pt", ".safetensors")
 DEVICES = ("auto", "cpu")
 _OFFICIAL = ", ".join(seg.SAM_CHECKPOINTS.values())
-
-
-def _schema(node_id: str, **kwargs) -> io.Schema:
-    return io.Schema(node_id=node_id, display_name=NODE_DISPLAY_NAMES[node_id], category=REPARO_CATEGORY, **kwargs)
 
 
 def _missing_checkpoint(sam_file: str, reason: str) -> str:
@@ -36,7 +30,7 @@ class LoadSAM(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return _schema(
+        return node_schema(
             "MPOD3D_LoadSAM",
             description=f"Load a Segment Anything (SAM) checkpoint from ComfyUI's models/{SAM_FOLDER} folder: the "
                         f"official .pth files ({_OFFICIAL}) or .safetensors with the same keys. The output plugs "
@@ -86,7 +80,7 @@ class SAMSegmentObjects(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return _schema(
+        return node_schema(
             "MPOD3D_SAMSegmentObjects",
             description="Segment each object of an image with SAM from its bounding box (REPARO 3.1): one mask per "
                         "box, in box order. Boxes come from the boxes text (JSON, pixels) or from rough box_masks; "
@@ -122,8 +116,7 @@ class SAMSegmentObjects(io.ComfyNode):
         if not hasattr(sam_model, "image_encoder") or not hasattr(sam_model, "mask_decoder"):
             raise ValueError(f"SAM Segment Objects: sam_model: expected a segment_anything Sam (from Load SAM "
                              f"Model), got {type(sam_model).__name__}")
-        if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] < 3:
-            raise ValueError("SAM Segment Objects: image: expected a ComfyUI IMAGE (B, H, W, 3)")
+        check_image(image, "SAM Segment Objects")
         picture = image[0, ..., :3].float()
         h, w = picture.shape[:2]
         text = (boxes or "").strip()
@@ -131,10 +124,7 @@ class SAMSegmentObjects(io.ComfyNode):
             raise ValueError("SAM Segment Objects: both boxes and box_masks are given: clear the boxes text or "
                              "disconnect box_masks")
         if box_masks is not None:
-            masks = box_masks if box_masks.ndim == 3 else box_masks[None]
-            if tuple(masks.shape[1:]) != (h, w):
-                raise ValueError(f"SAM Segment Objects: box_masks: mask size {masks.shape[2]}x{masks.shape[1]} "
-                                 f"does not match the image size {w}x{h}")
+            masks = check_masks(box_masks, "SAM Segment Objects", "box_masks", size=(h, w))
             try:
                 box_tensor = seg.boxes_from_masks(masks)
             except ValueError as exc:

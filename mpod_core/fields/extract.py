@@ -21,12 +21,26 @@ import numpy as np
 import torch
 import trimesh
 
+from ..progress import ProgressFn
+
 DensityFn = Callable[[torch.Tensor], torch.Tensor]
 ColorFn = Callable[[torch.Tensor], torch.Tensor]
-ProgressFn = Callable[[int, int], None]
+
 
 MIN_RESOLUTION = 2  # marching cubes needs at least one cell per axis
 MAX_RESOLUTION = 1024  # 1024**3 float32 is already 4 GiB of grid
+#: Largest number of lattice cells the iso-surface may cross before marching cubes
+#: runs (:func:`count_surface_cells`). The grid itself is bounded by the resolution
+#: (4 bytes a lattice point, ~4.6 B with the sampling: 512^3 peaked at 0.6 GiB), but
+#: the mesh grows with the surface, which the field decides: skimage's marching cubes
+#: plus trimesh's merging peak at ~268 bytes a face, measured, i.e. ~540 B a crossed
+#: cell on a smooth surface (a 512^3 ball, 197k cells, 394k faces) and up to ~1960 B
+#: on a noisy one (7.3 faces a cell: 128^3 of high-frequency density, 2.05M cells,
+#: 15M faces, 3.8 GiB). At the worst rate 2**20 cells are ~2 GiB; a smooth surface of
+#: that many cells (5x a ball filling a 512^3 lattice) needs ~0.55 GiB.
+MAX_SURFACE_CELLS = 2 ** 20
+#: Lattice planes per slab when counting crossed cells (bounded temporaries).
+_COUNT_SLAB = 16
 
 
 def _check_aabb(aabb) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +118,7 @@ def sample_density_grid(density_fn: DensityFn, aabb, resolution: int, *, chunk: 
         resolution: lattice vertices per axis, in [2, 1024].
         chunk: points per ``density_fn`` call (bounds peak memory of the field).
         device: where the points are built and passed to ``density_fn`` (None: CPU).
-        progress: optional ``(done_points, total_points)`` callback after each chunk;
+        progress: optional ``(done_points, total_points, None)`` callback after each chunk;
             whatever it raises (e.g. an interrupt) propagates.
 
     Returns:
@@ -125,23 +139,52 @@ def sample_density_grid(density_fn: DensityFn, aabb, resolution: int, *, chunk: 
             pts = lattice_points(torch.arange(start, stop, device=dev), axes)
             grid[start:stop] = _eval_chunk(density_fn, pts, 1, "density_fn")
             if progress is not None:
-                progress(stop, total)
+                progress(stop, total, None)
     return grid.reshape(res, res, res)
 
 
 def _check_crossing(grid: torch.Tensor, threshold: float) -> None:
-    """Raise ValueError unless ``grid`` is finite and has values on both sides of ``threshold``."""
-    bad = int((~torch.isfinite(grid)).sum())
-    if bad:
+    """Raise ValueError unless ``grid`` is finite and has values on both sides of ``threshold``.
+
+    No temporary of the grid's size: a NaN or inf shows in the min or max, and only
+    then are the bad values counted, a slab at a time.
+    """
+    lo, hi = float(grid.min()), float(grid.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        bad = sum(int((~torch.isfinite(grid[i:i + _COUNT_SLAB])).sum()) for i in range(0, grid.shape[0], _COUNT_SLAB))
         raise ValueError(f"density_fn returned {bad} non-finite values (NaN/inf) out of {grid.numel()} "
                          f"lattice points; cannot extract a surface")
-    lo, hi = float(grid.min()), float(grid.max())
     if not hi > threshold:
         raise ValueError(f"field is empty at threshold {threshold:g} (max density {hi:g}); "
                          f"lower the threshold or check the field/aabb")
     if not lo < threshold:
         raise ValueError(f"field is full at threshold {threshold:g} (min density {lo:g}): every lattice point "
                          f"is dense, so there is no surface inside the aabb; raise the threshold or enlarge the aabb")
+
+
+def count_surface_cells(grid: torch.Tensor, threshold: float) -> int:
+    """Lattice cells whose 8 corners lie on both sides of ``threshold`` (where marching cubes
+    puts faces), counted a slab of planes at a time so the temporaries stay small."""
+    n, total = grid.shape[0], 0
+    for start in range(0, n - 1, _COUNT_SLAB):
+        dense = grid[start:min(start + _COUNT_SLAB, n - 1) + 1] > threshold
+        some = dense[:-1] | dense[1:]
+        every = dense[:-1] & dense[1:]
+        some = some[:, :-1] | some[:, 1:]
+        every = every[:, :-1] & every[:, 1:]
+        some = some[:, :, :-1] | some[:, :, 1:]
+        every = every[:, :, :-1] & every[:, :, 1:]
+        total += int((some & ~every).sum(dtype=torch.int64))
+    return total
+
+
+def _check_surface_size(grid: torch.Tensor, threshold: float, max_cells: int) -> None:
+    """Refuse a surface whose mesh would not fit :data:`MAX_SURFACE_CELLS` (see there)."""
+    cells = count_surface_cells(grid, threshold)
+    if cells > max_cells:
+        raise ValueError(f"the surface at threshold {threshold:g} crosses {cells} of the {grid.shape[0]}^3 lattice's "
+                         f"cells, more than the {max_cells} whose mesh fits in memory (up to ~2 KB a cell); "
+                         f"lower the resolution, or raise the threshold if the field is noisy")
 
 
 def _marching_cubes(grid: np.ndarray, threshold: float, lo: torch.Tensor, hi: torch.Tensor) -> trimesh.Trimesh:
@@ -190,7 +233,8 @@ def _vertex_colors(color_fn: ColorFn, vertices: np.ndarray, chunk: int, dev: tor
 
 def extract_mesh(density_fn: DensityFn, aabb, *, resolution: int = 128, threshold: float = 10.0,
                  color_fn: Optional[ColorFn] = None, chunk: int = 1 << 18, device=None,
-                 progress: Optional[ProgressFn] = None) -> trimesh.Trimesh:
+                 progress: Optional[ProgressFn] = None,
+                 max_surface_cells: int = MAX_SURFACE_CELLS) -> trimesh.Trimesh:
     """Marching-cubes mesh of the iso-surface ``density == threshold``.
 
     Args:
@@ -205,6 +249,8 @@ def extract_mesh(density_fn: DensityFn, aabb, *, resolution: int = 128, threshol
         device: device of the points handed to the callbacks (None: CPU).
         progress: optional ``(done, total)`` callback after each density chunk
             (``total = resolution**3``); its exceptions propagate.
+        max_surface_cells: refuse surfaces crossing more lattice cells than this
+            (see :data:`MAX_SURFACE_CELLS`), before marching cubes allocates the mesh.
 
     Returns:
         ``trimesh.Trimesh`` (built with ``process=False``) with (V, 3) vertices in
@@ -214,7 +260,8 @@ def extract_mesh(density_fn: DensityFn, aabb, *, resolution: int = 128, threshol
     Raises:
         ValueError: malformed ``aabb``, ``resolution`` outside [2, 1024],
             non-finite ``threshold``, non-finite densities, or no crossing of
-            ``threshold`` inside the box (field empty or full).
+            ``threshold`` inside the box (field empty or full), or a surface
+            crossing more than ``max_surface_cells`` cells.
     """
     lo, hi = _check_aabb(aabb)
     res = _check_resolution(resolution)
@@ -226,6 +273,7 @@ def extract_mesh(density_fn: DensityFn, aabb, *, resolution: int = 128, threshol
         raise ValueError(f"threshold must be finite, got {threshold!r}")
     grid = sample_density_grid(density_fn, aabb, res, chunk=chunk, device=device, progress=progress)
     _check_crossing(grid, level)
+    _check_surface_size(grid, level, int(max_surface_cells))
     mesh = _marching_cubes(grid.numpy(), level, lo, hi)
     if color_fn is not None:
         dev = torch.device(device) if device is not None else torch.device("cpu")

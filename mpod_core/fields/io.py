@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Union
 
@@ -17,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..atomic import atomic_paths
 from .nerf import NeRFFieldConfig
 from .radiance_field import DEFAULT_ALPHA_THRESHOLD, DEFAULT_EARLY_STOP_EPS, RadianceField
 
@@ -85,16 +85,9 @@ def save_radiance_field(field: RadianceField, path: PathLike) -> Path:
         The path written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {SETTINGS_KEY: json.dumps(settings_of(field))}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(_state_for_file(field), tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_paths([path]) as (tmp,):
+        save_file(_state_for_file(field), str(tmp), metadata=metadata)
     return path
 
 
@@ -134,6 +127,30 @@ def load_radiance_field(path: PathLike, *, backend: str = "auto", device=None) -
     """
     path = Path(path)
     settings = read_settings(path)
+    tensors = {}
+    with safe_open(str(path), framework="pt") as f:
+        for k in f.keys():
+            tensors[k] = f.get_tensor(k)
+    return field_from_state(settings, tensors, backend=backend, device=device, name=path.name)
+
+
+def copy_radiance_field(field: RadianceField, *, backend: str = "auto", device=None) -> RadianceField:
+    """An independent copy of ``field`` (weights, occupancy grid, Adam moments, settings, meta), with
+    fresh tensors that autograd accepts, on hash-grid ``backend`` and ``device`` (default: the field's).
+
+    ComfyUI caches node outputs, and hands nodes inference tensors: a node that trains a field
+    trains a copy, never the upstream object. Goes through the file layout, so it converts
+    between the torch and tinycudann backends exactly as saving and loading does.
+    """
+    tensors = {k: v.clone() for k, v in _state_for_file(field).items()}
+    return field_from_state(json.loads(json.dumps(settings_of(field))), tensors, backend=backend,
+                            device=field.device if device is None else device, name="the field")
+
+
+def field_from_state(settings: dict, tensors: dict, *, backend: str = "auto", device=None,
+                     name: str = "the field") -> RadianceField:
+    """A field from its settings (:func:`settings_of`) and portable tensors (:func:`_state_for_file`);
+    ``tensors`` is consumed. ValueError (naming ``name``) when they do not fit together."""
     pruning = settings.get("pruning", {})  # absent in older files: the defaults
     field = RadianceField(NeRFFieldConfig.from_dict(settings["config"]),
                           samples_per_ray=settings["samples_per_ray"],
@@ -144,21 +161,17 @@ def load_radiance_field(path: PathLike, *, backend: str = "auto", device=None) -
     g = settings["grid"]
     field.grid.ema_decay, field.grid.threshold, field.grid.warmup_steps = (
         float(g["ema_decay"]), float(g["threshold"]), int(g["warmup_steps"]))
-    tensors = {}
-    with safe_open(str(path), framework="pt") as f:
-        for k in f.keys():
-            tensors[k] = f.get_tensor(k)
     tensors["grid.mask"] = tensors["grid.mask"].bool()
     moments = _split_optimizer_state(tensors)
     missing, unexpected = field.load_state_dict(tensors, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path.name}: tensors do not match the settings (missing {missing}, "
+        raise ValueError(f"{name}: tensors do not match the settings (missing {missing}, "
                          f"unexpected {unexpected})")
     params = dict(field.field.named_parameters())
-    for name, m in moments.items():
-        if name not in params or set(m) != {"exp_avg", "exp_avg_sq", "step"} \
-                or m["exp_avg"].shape != params[name].shape or m["exp_avg_sq"].shape != params[name].shape:
-            raise ValueError(f"{path.name}: optimizer state of {name!r} does not match the field's parameters")
+    for pname, m in moments.items():
+        if pname not in params or set(m) != {"exp_avg", "exp_avg_sq", "step"} \
+                or m["exp_avg"].shape != params[pname].shape or m["exp_avg_sq"].shape != params[pname].shape:
+            raise ValueError(f"{name}: optimizer state of {pname!r} does not match the field's parameters")
     field.optimizer_state = moments
     if g.get("estimate", "density") == "density":  # an older file: raw-density estimates
         with torch.no_grad():

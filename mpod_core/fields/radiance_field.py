@@ -30,6 +30,13 @@ DEFAULT_GRID_RESOLUTION = 32
 #: ``early_stop_eps`` as Instant-NGP-style trainers pass them).
 DEFAULT_ALPHA_THRESHOLD = 0.01
 DEFAULT_EARLY_STOP_EPS = 1e-4
+#: Largest ``views x resolution^2`` the Opacity Mask node accepts. :meth:`RadianceField.opacity`
+#: marches its rays in chunks, so one view's working set is its rays and per-pixel results,
+#: ~94 bytes a pixel measured (a 2048^2 view of a small field peaks at 375 MiB); but the
+#: node's outputs cannot be chunked away: it keeps 28 bytes a pixel (mask and opacity per
+#: view, their stacks and the grey RGB image), and the view list is free text. 2**26 pixels
+#: (16 views of 2048^2, 1024 of 256^2) end near 1.75 GiB of outputs plus one view.
+MAX_OPACITY_PIXELS = 2 ** 26
 
 
 class RadianceField(nn.Module):
@@ -76,6 +83,13 @@ class RadianceField(nn.Module):
         #: ``{name: {"exp_avg", "exp_avg_sq", "step"}}`` (saved with the field, so a
         #: resume continues with its moments); empty for a fresh field.
         self.optimizer_state: Dict[str, Dict[str, torch.Tensor]] = {}
+
+    def copy(self, *, backend: str = "auto", device=None) -> "RadianceField":
+        """An independent, trainable copy on hash-grid ``backend`` and ``device`` (default: this
+        field's device); see :func:`mpod_core.fields.io.copy_radiance_field`."""
+        from .io import copy_radiance_field  # noqa: PLC0415 (io imports this module)
+
+        return copy_radiance_field(self, backend=backend, device=device)
 
     @property
     def config(self) -> NeRFFieldConfig:

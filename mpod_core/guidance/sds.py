@@ -17,6 +17,15 @@ graph. ``w(t)`` is ``1 - abar`` ("sds", DreamFusion), ``1`` ("uniform") or
 the denoiser's: ``eps_u + s * (eps_c - eps_u)`` (diffusers/ComfyUI; threestudio's
 ``eps_c + s * (eps_c - eps_u)`` equals our ``s + 1``).
 
+Broken guidance. The NaN guard above tolerates a few non-finite entries (a
+fp16 UNet overflowing in some pixels at high t), but a model that returns NaN
+everywhere would be averaged away: every gradient zeroed, the optimisation
+"succeeding" without moving. Loops that distil a score pass a
+:class:`NonFiniteGuard`, which raises :class:`NonFiniteGuidanceError` naming the
+likely causes when more than half of one step's gradient entries are
+non-finite, or when any are on :data:`MAX_CONSECUTIVE_NONFINITE` SDS steps in a
+row.
+
 Random draws: ``t`` first (``torch.randint``), then ``eps`` (``torch.randn``),
 both from ``generator`` on the generator's device, so a seeded generator
 reproduces a step exactly.
@@ -34,6 +43,12 @@ from .protocol import Denoiser, NoiseBaseline, ViewCondition
 Weighting = Literal["sds", "uniform", "fantasia"]
 #: The weighting names, for node widgets and error messages.
 WEIGHTINGS: Tuple[str, ...] = get_args(Weighting)
+#: Largest ``batch x height x width`` of images whose SDS gradient goes through the
+#: VAE encoder: its backward holds the encoder's activations for the whole batch at
+#: full resolution (the SD VAE's first blocks keep 128-256 channels per pixel), so it is
+#: capped at 4 views of 256^2 = one 512^2 image (SD 1.5's own size), as Zero123 SDS
+#: NeRF's guidance batch (MPOD123 stage 1) and SDS Image Fit both enforce.
+MAX_GUIDANCE_PIXELS = 4 * 256 * 256
 
 
 @dataclass
@@ -184,6 +199,102 @@ class SDSOutput:
     t: torch.Tensor
     noise: torch.Tensor
     noise_pred: torch.Tensor
+    nonfinite: int = 0
+    """How many entries of the gradient were NaN or infinite before the guard zeroed them."""
+
+
+#: A step whose gradient has more than this share of non-finite entries stops a
+#: guarded loop: the model's output is mostly NaN/inf, not a few overflowing pixels.
+MAX_NONFINITE_FRACTION = 0.5
+
+#: A guarded loop stops after this many SDS steps in a row with any non-finite
+#: gradient entry. fp16 overflow, which the guard tolerates, hits some timesteps
+#: (the highest), so a healthy model with t drawn anew every step rarely shows it
+#: 5 times running (at 10% of steps: 1e-5 per window), while a model that is
+#: partly broken on every step (e.g. one latent channel, under the majority
+#: threshold) is stopped within 5 steps.
+MAX_CONSECUTIVE_NONFINITE = 5
+
+_CAUSES = ("Check the diffusion MODEL (a broken or incompatible checkpoint, or a LoRA/patch applied to it), "
+           "its conditioning (the CLIP text encoder behind positive/negative; for Stable Zero123 the "
+           "CLIP vision encoder of the reference image) and the VAE; running in fp16 can also overflow "
+           "(try ComfyUI's --force-fp32).")
+
+
+class NonFiniteGuidanceError(FloatingPointError):
+    """The guidance (diffusion model, its conditioning or its VAE) returned NaN or infinite values."""
+
+
+class NonFiniteGuard:
+    """Stops a score-distillation loop whose guidance is broken (see the module docstring).
+
+    One guard per optimisation run, passed to every :func:`sds_loss` /
+    :func:`sds_image_loss` call of the run (``guard=``); it is checked before the
+    gradient is used, so a raise leaves the optimised parameters untouched.
+
+    Args:
+        max_fraction: a step with a larger share of non-finite gradient entries raises.
+        max_consecutive: this many guarded steps in a row with any non-finite entry raise.
+    """
+
+    def __init__(self, max_fraction: float = MAX_NONFINITE_FRACTION,
+                 max_consecutive: int = MAX_CONSECUTIVE_NONFINITE):
+        if not 0.0 <= max_fraction < 1.0:
+            raise ValueError(f"max_fraction must be in [0, 1), got {max_fraction}")
+        if max_consecutive < 1:
+            raise ValueError(f"max_consecutive must be >= 1, got {max_consecutive}")
+        self.max_fraction = float(max_fraction)
+        self.max_consecutive = int(max_consecutive)
+        self.consecutive = 0  # guarded steps in a row, up to the last, with a non-finite gradient entry
+        self._first_bad_step: Optional[int] = None
+        self._worst_fraction = 0.0
+
+    def check_images(self, images: torch.Tensor, step: int) -> None:
+        """Raise if the images handed to the guidance are not finite (the optimisation diverged,
+        which is not the model's fault and must not be blamed on it)."""
+        if not bool(torch.isfinite(images).all()):
+            raise NonFiniteGuidanceError(
+                f"Score distillation stopped at step {step}: the images given to the guidance contain NaN or "
+                f"infinite values, so the optimised image or field diverged; lower the learning rate.")
+
+    def update(self, nonfinite: int, total: int, step: int, t: torch.Tensor,
+               latents_finite: bool = True) -> None:
+        """Record one SDS step's count of non-finite gradient entries; raise if the guidance is broken.
+
+        Args:
+            nonfinite: non-finite entries of the step's gradient (before the NaN guard).
+            total: all entries of the gradient.
+            step: the optimisation step, for the message.
+            t: (B,) the step's timesteps, for the message.
+            latents_finite: whether the encoder's latents were finite (else the VAE is named).
+
+        Raises:
+            NonFiniteGuidanceError: more than ``max_fraction`` of the entries are non-finite, or
+                some were on ``max_consecutive`` guarded steps in a row.
+        """
+        if nonfinite == 0:
+            self.consecutive = 0
+            self._first_bad_step, self._worst_fraction = None, 0.0
+            return
+        fraction = nonfinite / max(total, 1)
+        self.consecutive += 1
+        if self._first_bad_step is None:
+            self._first_bad_step = step
+        self._worst_fraction = max(self._worst_fraction, fraction)
+        if fraction > self.max_fraction:
+            what = (f"{fraction:.0%} of the gradient ({nonfinite} of {total} entries) was NaN or infinite "
+                    f"(timesteps {t.tolist()})")
+        elif self.consecutive >= self.max_consecutive:
+            what = (f"the gradient had NaN or infinite entries on {self.consecutive} steps in a row "
+                    f"(steps {self._first_bad_step}-{step}, up to {self._worst_fraction:.1%} of the entries)")
+        else:
+            return
+        if not latents_finite:
+            cause = ("The latents (the VAE encoder's output for finite images) are NaN or infinite: check the "
+                     "VAE (or run it in fp32: ComfyUI's --fp32-vae).")
+        else:
+            cause = "The diffusion model returned NaN or infinite noise predictions. " + _CAUSES
+        raise NonFiniteGuidanceError(f"Score distillation stopped at step {step}: {what}. {cause}")
 
 
 def _shape(x) -> str:
@@ -193,7 +304,7 @@ def _shape(x) -> str:
 def sds_loss(latents: torch.Tensor, denoiser: Denoiser, config: SDSConfig, step: int = 0,
              views: Optional[ViewCondition] = None, generator: Optional[torch.Generator] = None,
              baseline: Optional[NoiseBaseline] = None, *, t: Optional[torch.Tensor] = None,
-             noise: Optional[torch.Tensor] = None) -> SDSOutput:
+             noise: Optional[torch.Tensor] = None, guard: Optional[NonFiniteGuard] = None) -> SDSOutput:
     """Score distillation loss on latents (see the module docstring for the formulas).
 
     Args:
@@ -209,9 +320,13 @@ def sds_loss(latents: torch.Tensor, denoiser: Denoiser, config: SDSConfig, step:
         t: (B,) timesteps to use instead of sampling them (tests, deterministic schedules);
             they need not lie in the configured range but must be in [0, T).
         noise: (B, C, h, w) noise to use instead of sampling it.
+        guard: the run's :class:`NonFiniteGuard` (None: non-finite entries are only zeroed).
 
     Returns:
         :class:`SDSOutput`; call ``out.loss.backward()``.
+
+    Raises:
+        NonFiniteGuidanceError: from ``guard``, when the guidance is broken.
     """
     if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
         raise ValueError(f"latents: expected (B, C, h, w), got {_shape(latents)}")
@@ -257,6 +372,10 @@ def sds_loss(latents: torch.Tensor, denoiser: Denoiser, config: SDSConfig, step:
                                  f"expected {tuple(latents.shape)}")
             reference = reference.to(dtype)
         grad = sds_weight(abar, config.weighting) * (noise_pred - reference)
+        nonfinite = int((~torch.isfinite(grad)).sum())
+        if guard is not None:
+            guard.update(nonfinite, grad.numel(), step, t,
+                         latents_finite=nonfinite == 0 or bool(torch.isfinite(latents).all()))
         # A fp16 UNet can overflow at high t; one bad element must not poison the field.
         grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
         if config.grad_clip is not None:
@@ -264,13 +383,13 @@ def sds_loss(latents: torch.Tensor, denoiser: Denoiser, config: SDSConfig, step:
 
     target = (latents - grad).detach()
     loss = 0.5 * ((latents - target) ** 2).sum() / b
-    return SDSOutput(loss=loss, grad=grad, t=t, noise=noise, noise_pred=noise_pred)
+    return SDSOutput(loss=loss, grad=grad, t=t, noise=noise, noise_pred=noise_pred, nonfinite=nonfinite)
 
 
 def sds_image_loss(images: torch.Tensor, denoiser: Denoiser, config: SDSConfig, step: int = 0,
                    views: Optional[ViewCondition] = None, generator: Optional[torch.Generator] = None,
                    baseline: Optional[NoiseBaseline] = None, *, t: Optional[torch.Tensor] = None,
-                   noise: Optional[torch.Tensor] = None) -> SDSOutput:
+                   noise: Optional[torch.Tensor] = None, guard: Optional[NonFiniteGuard] = None) -> SDSOutput:
     """:func:`sds_loss` on ``denoiser.encode(images)``; the gradient reaches ``images``
     through the (differentiable) encoder.
 
@@ -280,5 +399,7 @@ def sds_image_loss(images: torch.Tensor, denoiser: Denoiser, config: SDSConfig, 
     """
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
         raise ValueError(f"images: expected (B, 3, H, W) in [0, 1], got {_shape(images)}")
+    if guard is not None:
+        guard.check_images(images, step)
     latents = denoiser.encode(images)
-    return sds_loss(latents, denoiser, config, step, views, generator, baseline, t=t, noise=noise)
+    return sds_loss(latents, denoiser, config, step, views, generator, baseline, t=t, noise=noise, guard=guard)

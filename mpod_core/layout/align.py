@@ -13,7 +13,7 @@ improves on); ``L_s`` is an optional semantic loss given by the caller
 (DINOv2 features in the node).
 
 With ``loss="ot"``, the pixel-wise L2 joins the OT term for the second half of
-the run (``pixel_l2`` from ``pixel_l2_start``): the OT pull brings objects
+the run (``pixel_weight`` from ``pixel_start``): the OT pull brings objects
 onto targets they do not overlap but carries almost no scale information
 (see :mod:`.ot_loss`), and L2, blind from far away, fits the silhouettes
 exactly once they overlap. Scales are therefore held during the first, OT-only
@@ -28,16 +28,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from ..progress import ProgressFn
 from ..cameras import Cameras
+from ..loss_history import LossHistory, LossMap
+from ..configdoc import limits
 from .ot_loss import OTAppearanceLoss, OTLossConfig, reference_points
 from .scene import LayoutScene, SceneObject, SceneRender, render_scene
 
-#: ``progress(step, total, preview)``; preview is an (H, W, 3) image in [0, 1] or None. May raise to stop.
-ProgressFn = Callable[[int, int, Optional[torch.Tensor]], None]
 #: ``semantic_loss(render (1, H, W, 3) in [0, 1]) -> scalar``, differentiable.
 SemanticFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -48,35 +49,45 @@ LOSSES = ("ot", "l2")
 class LayoutConfig:
     """Settings of :func:`align_layout` (defaults: REPARO's official configs)."""
 
-    iterations: int = 500
-    learning_rate: float = 0.02
+    iterations: int = field(default=500, metadata=limits(1, 10000))
+    """Optimisation steps (REPARO's official configs: 500)."""
+    learning_rate: float = field(default=0.02, metadata=limits(1e-4, 1.0, 0.001))
+    """Adam learning rate (REPARO's official configs: 0.02), decayed by ``lr_decay`` per step."""
     lr_decay: float = 0.999
-    """Learning-rate factor after every iteration (StepLR, step 1)."""
+    """Learning-rate factor after every iteration (StepLR, step 1; REPARO's official configs)."""
     optimise_translation: bool = True
+    """Move the objects (in the image plane; see ``optimise_depth``). REPARO sec. 3.2 optimises translation."""
     optimise_depth: bool = False
     """Also move objects along the camera's view axis. Off by default: under perspective a move
     along the view axis and a scale change look almost alike, and a relative depth map cannot fix
     absolute distances."""
     optimise_scale: bool = True
+    """Rescale the objects (REPARO sec. 3.2 optimises scale)."""
     uniform_scale: bool = True
     """One scale factor per object (its three axes kept equal). Off lets x, y and z scale apart, as
     the paper's code does; from one view the depth axis is then only seen through the depth term."""
-    loss: str = "ot"
+    loss: str = field(default="ot", metadata=limits(options=LOSSES))
+    """ot: optimal transport (REPARO eq. 4), reaches objects that start off their target; l2: plain
+    pixel-wise colour difference, the baseline the paper improves on."""
     ot: OTLossConfig = field(default_factory=OTLossConfig)
-    pixel_l2: float = 1.0
-    """Weight of the pixel-wise colour L2 added to the OT loss (``loss="ot"``) from ``pixel_l2_start``
-    on: it supplies the silhouette gradient that shrinks oversized objects, which the OT pull lacks."""
-    pixel_l2_start: float = 0.5
+    pixel_weight: float = field(default=1.0, metadata=limits(0.0, 100.0, 0.1))
+    """Weight of the pixel-wise colour L2 added to the OT loss (``loss="ot"``) from ``pixel_start``
+    on: it supplies the silhouette gradient that shrinks oversized objects, which the OT pull lacks
+    (measured in bench/bench_layout.py; not in the paper). 0 = OT only."""
+    pixel_start: float = 0.5
     """Fraction of the iterations after which the pixel term joins. Before, it would shrink objects
     that do not yet overlap their target (L2 sees them only as colour where background should be)."""
-    lambda_appearance: float = 0.5
-    """lambda of eq. 9 when a semantic loss is given (without one, L_a alone)."""
-    semantic_every: int = 1
+    lambda_appearance: float = field(default=0.5, metadata=limits(0.0, 1.0, 0.05))
+    """lambda of REPARO eq. 9 between the appearance and the semantic loss, used when a semantic loss
+    is given (without one, L_a alone)."""
+    semantic_every: int = field(default=1, metadata=limits(1, 1000))
     """Evaluate the semantic loss on every n-th iteration only (the others use ``lambda * L_a``):
-    a DINOv2 forward and backward costs seconds per step on a CPU."""
+    a DINOv2 forward and backward costs seconds per step on a CPU (one DINOv2-large step at 224 px
+    ~9 s on 2 cores)."""
     background: float = 1.0
     """Grey level behind the objects in renders, and of the reference outside the masks."""
     seed: int = 0
+    """Seed of the random pixel subsets the matching and the loss use."""
     preview_every: int = 10
 
     def validate(self) -> None:
@@ -93,9 +104,9 @@ class LayoutConfig:
             raise ValueError(f"lambda_appearance must be in [0, 1], got {self.lambda_appearance}")
         if not 0.0 <= self.background <= 1.0:
             raise ValueError(f"background must be in [0, 1], got {self.background}")
-        if not (self.pixel_l2 >= 0 and math.isfinite(self.pixel_l2)) or not 0 <= self.pixel_l2_start <= 1:
-            raise ValueError(f"need pixel_l2 >= 0 and pixel_l2_start in [0, 1], got {self.pixel_l2}, "
-                             f"{self.pixel_l2_start}")
+        if not (self.pixel_weight >= 0 and math.isfinite(self.pixel_weight)) or not 0 <= self.pixel_start <= 1:
+            raise ValueError(f"need pixel_weight >= 0 and pixel_start in [0, 1], got {self.pixel_weight}, "
+                             f"{self.pixel_start}")
         if not isinstance(self.semantic_every, int) or self.semantic_every < 1:
             raise ValueError(f"semantic_every must be an int >= 1, got {self.semantic_every!r}")
         if self.preview_every < 1:
@@ -110,14 +121,18 @@ class LayoutResult:
     Attributes:
         translations: (K, 3) world position of each object's bounding-box centre.
         scales: (K, 3) scale factors about that centre.
-        history: per-iteration losses (``total``, ``appearance``, and ``semantic`` when given).
+        loss_map: ComfyUI's LOSS_MAP (:mod:`mpod_core.loss_history`): ``"loss"`` the total at
+            each iteration, ``"ot"`` (``loss="ot"``), ``"pixel"`` (the pixel-wise L2) and
+            ``"semantic"`` (when given), unweighted, 0 where not part of the loss. The total is
+            ``w * (ot + pixel_weight * pixel) + (1 - lambda) * semantic`` for ``loss="ot"``
+            (``w * pixel + ...`` for ``"l2"``), ``w`` = ``lambda_appearance`` with a semantic loss, else 1.
         render: (H, W, 3) render of the final layout.
         covered: (H, W) bool, its silhouette.
     """
 
     translations: torch.Tensor
     scales: torch.Tensor
-    history: Dict[str, List[float]]
+    loss_map: LossMap
     render: torch.Tensor
     covered: torch.Tensor
 
@@ -192,16 +207,16 @@ def align_layout(objects: Sequence[SceneObject], translations: torch.Tensor, sca
         ref_points = reference_points(image, mask, None if depth is None else depth.to(device),
                                       background=config.background)
         ot_loss = OTAppearanceLoss(ref_points, fg, config.ot, use_depth=depth is not None, generator=generator)
-    history: Dict[str, List[float]] = {"total": [], "appearance": []}
+    history = LossHistory()
     for step in range(config.iterations):
         optimiser.zero_grad(set_to_none=True)
         render = render_scene(scene, camera, w, h, background=bg, backend=backend)
-        appearance = appearance_loss(render, reference, step, config, ot_loss)
+        appearance, terms = appearance_terms(render, reference, step, config, ot_loss)
         loss = appearance
         if semantic_loss is not None and step % config.semantic_every == 0:
             semantic = semantic_loss(render.color[None])
             loss = config.lambda_appearance * appearance + (1 - config.lambda_appearance) * semantic
-            history.setdefault("semantic", []).append(float(semantic.detach()))
+            terms["semantic"] = semantic
         elif semantic_loss is not None:
             loss = config.lambda_appearance * appearance
         if not torch.isfinite(loss):
@@ -211,8 +226,7 @@ def align_layout(objects: Sequence[SceneObject], translations: torch.Tensor, sca
             scene.log_scale.grad.zero_()  # zero from the start, so Adam's moments stay zero too
         optimiser.step()
         schedule.step()
-        history["total"].append(float(loss.detach()))
-        history["appearance"].append(float(appearance.detach()))
+        history.record(float(loss.detach()), {k: float(v.detach()) for k, v in terms.items()})
         if progress is not None:
             last = step + 1 == config.iterations
             preview = None
@@ -222,7 +236,7 @@ def align_layout(objects: Sequence[SceneObject], translations: torch.Tensor, sca
     with torch.no_grad():
         final = render_scene(scene, camera, w, h, background=bg, backend=backend)
     return LayoutResult(translations=scene.translation.detach().clone(), scales=scene.scales.detach().clone(),
-                        history=history, render=final.color, covered=final.covered)
+                        loss_map=history.as_loss_map(), render=final.color, covered=final.covered)
 
 
 def hold_scale(step: int, config: LayoutConfig) -> bool:
@@ -230,13 +244,19 @@ def hold_scale(step: int, config: LayoutConfig) -> bool:
     (with a pixel term to come). The OT pull carries no scale information (:mod:`.ot_loss`), so
     scales would only drift there; measured on 4 objects, one drifted to 2.4x its size in that
     phase and hid another object, which the pixel term then shrank away."""
-    return config.loss == "ot" and config.pixel_l2 > 0 and step < config.pixel_l2_start * config.iterations
+    return config.loss == "ot" and config.pixel_weight > 0 and step < config.pixel_start * config.iterations
 
 
 def appearance_loss(render: SceneRender, reference: torch.Tensor, step: int, config: LayoutConfig,
                     ot_loss: Optional[OTAppearanceLoss]) -> torch.Tensor:
+    """``L_a`` at iteration ``step`` (see :func:`appearance_terms`)."""
+    return appearance_terms(render, reference, step, config, ot_loss)[0]
+
+
+def appearance_terms(render: SceneRender, reference: torch.Tensor, step: int, config: LayoutConfig,
+                     ot_loss: Optional[OTAppearanceLoss]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """``L_a`` at iteration ``step``: pixel-wise L2 for ``loss="l2"``; for ``loss="ot"`` the OT loss,
-    plus ``pixel_l2`` times the pixel-wise L2 from ``pixel_l2_start`` on (see the module docstring).
+    plus ``pixel_weight`` times the pixel-wise L2 from ``pixel_start`` on (see the module docstring).
 
     Args:
         render: the current render.
@@ -244,14 +264,20 @@ def appearance_loss(render: SceneRender, reference: torch.Tensor, step: int, con
         step: iteration index (0-based).
         config: the run's settings.
         ot_loss: the run's :class:`~.ot_loss.OTAppearanceLoss` (None for ``loss="l2"``).
+
+    Returns:
+        ``L_a`` and its unweighted terms: ``{"pixel": L2}`` for ``"l2"``; ``{"ot": OT}``, plus
+        ``"pixel"`` once the pixel term has joined, for ``"ot"``.
     """
     pixel = ((render.color - reference) ** 2).mean()
     if ot_loss is None:
-        return pixel
+        return pixel, {"pixel": pixel}
     value = ot_loss(render, step)
-    if config.pixel_l2 and step >= config.pixel_l2_start * config.iterations:
-        value = value + config.pixel_l2 * pixel
-    return value
+    terms = {"ot": value}
+    if config.pixel_weight and step >= config.pixel_start * config.iterations:
+        value = value + config.pixel_weight * pixel
+        terms["pixel"] = pixel
+    return value, terms
 
 
 def initial_placement(boxes: torch.Tensor, extents: torch.Tensor, camera: Cameras, width: int,

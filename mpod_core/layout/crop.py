@@ -19,6 +19,8 @@ from typing import List, Tuple
 import torch
 from torch.nn import functional as F
 
+from ..mesh import object_name
+
 
 @dataclass
 class CropBox:
@@ -80,45 +82,69 @@ def crop_objects(image: torch.Tensor, masks: torch.Tensor, size: int = 256, fill
         try:
             box = mask_box(masks[k])
         except ValueError:
-            raise ValueError(f"object {k}: its mask is empty (no pixel above 0.5); remove it or fix its "
+            raise ValueError(f"{object_name(k)}: its mask is empty (no pixel above 0.5); remove it or fix its "
                              "box / segmentation") from None
         x0, y0, x1, y1 = box
         side = max(x1 - x0, y1 - y0) / fill
         cx, cy = 0.5 * (x0 + x1), 0.5 * (y0 + y1)
         square = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
-        m = masks[k].to(image.dtype).clamp(0, 1)
-        rgba = torch.cat([image * m[..., None] + background * (1 - m[..., None]), m[..., None]], -1)
-        out = _resample_square(rgba, square, size, fill_value=(background, background, background, 0.0))
+        out = _resample_square(image, masks[k], square, size, background)
         crops.append(out[..., :3])
         crop_masks.append(out[..., 3])
         boxes.append(CropBox(object_box=box, crop_box=tuple(float(v) for v in square), image_size=(w, h)))
     return torch.stack(crops), torch.stack(crop_masks), boxes
 
 
-def _resample_square(rgba: torch.Tensor, square, size: int, fill_value) -> torch.Tensor:
-    """Sample the axis-aligned ``square`` (x0, y0, x1, y1) of ``rgba`` (H, W, C) onto a size x size grid.
+def _resample_square(image: torch.Tensor, mask: torch.Tensor, square, size: int, background: float) -> torch.Tensor:
+    """Sample the axis-aligned ``square`` (x0, y0, x1, y1) of the masked object onto a size x size grid.
 
-    The image is first padded with ``fill_value`` to an integer window covering
-    the square (parts outside the image), box-filtered by the integer shrink
-    factor when the crop is reduced (so thin parts do not alias away), then
-    sampled bilinearly at the output pixel centres (sub-pixel exact centring).
+    The object's RGBA (colour outside ``mask`` set to ``background``, alpha =
+    ``mask``) is placed on a canvas of the integer window covering the square,
+    padded with (background, background, background, 0) where the square leaves
+    the image, box-filtered by the integer shrink factor k when the crop is
+    reduced (so thin parts do not alias away), then sampled bilinearly at the
+    output pixel centres (sub-pixel exact centring).
+
+    Only the k x k blocks of the canvas that overlap the image are built and
+    pooled; every other block holds nothing but padding, so its pooled value is
+    the padding itself. Memory is therefore bounded by the image (plus k rows
+    and columns) and the pooled canvas (about 2 ``size`` a side), whatever
+    ``fill``: the whole canvas at source resolution would be (side / fill)^2
+    pixels (25 GB for a 4000 px object at fill 0.1).
+
+    Args:
+        image: (H, W, 3); mask: (H, W) in [0, 1] (clamped); square: floats, may leave the image.
+
+    Returns:
+        (size, size, 4) RGBA.
     """
-    h, w, c = rgba.shape
+    h, w, _ = image.shape
     x0, y0, x1, y1 = square
     ix0, iy0 = math.floor(x0), math.floor(y0)
     ix1, iy1 = math.ceil(x1), math.ceil(y1)
-    canvas = torch.empty(c, iy1 - iy0, ix1 - ix0, dtype=rgba.dtype, device=rgba.device)
-    canvas[:] = torch.tensor(fill_value, dtype=rgba.dtype, device=rgba.device)[:, None, None]
-    sx0, sy0, sx1, sy1 = max(ix0, 0), max(iy0, 0), min(ix1, w), min(iy1, h)
-    canvas[:, sy0 - iy0:sy1 - iy0, sx0 - ix0:sx1 - ix0] = rgba.permute(2, 0, 1)[:, sy0:sy1, sx0:sx1]
-    src = canvas[None]
     k = max(1, int((x1 - x0) / size))  # integer shrink factor of the box filter
-    if k > 1:
-        src = F.avg_pool2d(src, k, ceil_mode=True)
-    hp, wp = src.shape[2:]
-    centres = (torch.arange(size, device=rgba.device, dtype=rgba.dtype) + 0.5) / size
+    ch, cw = iy1 - iy0, ix1 - ix0  # the canvas at source resolution (never allocated)
+    hp, wp = -(-ch // k), -(-cw // k)  # the pooled canvas (avg_pool2d with ceil_mode)
+    pad = torch.tensor((background, background, background, 0.0), dtype=image.dtype, device=image.device)
+    src = pad[:, None, None].repeat(1, hp, wp)
+    sx0, sy0, sx1, sy1 = max(ix0, 0), max(iy0, 0), min(ix1, w), min(iy1, h)
+    if sx1 > sx0 and sy1 > sy0:
+        # Pooling blocks [by0, by1) x [bx0, bx1) overlap the image; their canvas rows [r0, r1) and
+        # columns [c0, c1) (the last block clipped at the canvas edge, as ceil_mode pooling does).
+        by0, bx0 = (sy0 - iy0) // k, (sx0 - ix0) // k
+        by1, bx1 = -(-(sy1 - iy0) // k), -(-(sx1 - ix0) // k)
+        r0, c0 = iy0 + by0 * k, ix0 + bx0 * k
+        r1, c1 = min(iy0 + by1 * k, iy1), min(ix0 + bx1 * k, ix1)
+        m = mask[sy0:sy1, sx0:sx1].to(image.dtype).clamp(0, 1)[None]
+        rgb = image[sy0:sy1, sx0:sx1].permute(2, 0, 1) * m + background * (1 - m)
+        part = pad[:, None, None].repeat(1, r1 - r0, c1 - c0)
+        part[:, sy0 - r0:sy1 - r0, sx0 - c0:sx1 - c0] = torch.cat([rgb, m])
+        if k > 1:
+            part = F.avg_pool2d(part[None], k, ceil_mode=True)[0]
+        src[:, by0:by1, bx0:bx1] = part
+    centres = (torch.arange(size, device=image.device, dtype=image.dtype) + 0.5) / size
     xs = (x0 - ix0 + centres * (x1 - x0)) / k   # in pooled-canvas pixels
     ys = (y0 - iy0 + centres * (y1 - y0)) / k
     grid = torch.stack(torch.meshgrid(xs / wp * 2 - 1, ys / hp * 2 - 1, indexing="xy"), -1)[None]
-    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = F.grid_sample(src[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out[0].permute(1, 2, 0)

@@ -62,11 +62,12 @@ target (see there).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
+from ..configdoc import limits
 from .scene import SceneRender, pixel_grid
 from .sinkhorn import SinkhornResult, barycentric_targets, grouped_norm_cost, sinkhorn, squared_euclidean_cost
 
@@ -80,12 +81,13 @@ COSTS = ("squared", "norm")
 class OTLossConfig:
     """Settings of :class:`OTAppearanceLoss` (defaults: REPARO / DROT where they say, measured otherwise)."""
 
-    alpha: float = 1.0
-    """Weight of the colour term (RGB in [0, 1])."""
-    beta: float = 1.0
-    """Weight of the depth term (normalised depth in [0, 1]); off without a reference depth."""
-    gamma: float = 1.0
-    """Weight of the screen-position term (XY in [0, 1] image units)."""
+    alpha: float = field(default=1.0, metadata=limits(0.0, 100.0, 0.1))
+    """Weight of the colour term (RGB in [0, 1]) in the transport cost: REPARO eq. 4's alpha (1)."""
+    beta: float = field(default=1.0, metadata=limits(0.0, 100.0, 0.1))
+    """Weight of the depth term (normalised depth in [0, 1]): eq. 4's beta (1); used only with a
+    reference depth map."""
+    gamma: float = field(default=1.0, metadata=limits(0.0, 100.0, 0.1))
+    """Weight of the screen-position term (XY in [0, 1] image units): eq. 4's gamma (1)."""
     eps: float = 1e-3
     """Entropic regularisation, in cost units (the squared cost of a 3% move in XY at gamma 1 is 5e-4)."""
     cost: str = "squared"
@@ -96,8 +98,8 @@ class OTLossConfig:
     """Background grid pixels kept per cloud in the matching (weighted by the inverse sampling rate)."""
     loss_points: int = 4096
     """Rendered foreground pixels the loss is evaluated on per iteration (random subset; 0 = all)."""
-    match_interval: int = 5
-    """Iterations between two matchings."""
+    match_interval: int = field(default=5, metadata=limits(1, 100))
+    """Iterations between two optimal-transport matchings (REPARO's code re-matches about every 5)."""
     sinkhorn_iterations: int = 20
     """Sinkhorn iterations per warm-started matching (the first matching anneals eps first)."""
     colour_agreement: float = 0.1

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import trimesh
 
+from ..mesh import object_name
 from ..cameras import Cameras, orbit_cameras
 from .scene import LayoutScene, SceneObject, render_scene, scene_object
 
@@ -53,7 +54,7 @@ def make_scene(n_objects: int, seed: int, resolution: int = 128) -> SyntheticSce
         mesh = _primitive(int(rng.integers(0, 5)))
         colors = torch.tensor(PALETTE[k % len(PALETTE)], dtype=torch.float32).expand(len(mesh.vertices), 3)
         objects.append(scene_object(torch.tensor(mesh.vertices, dtype=torch.float32),
-                                    torch.tensor(mesh.faces), colors.clone(), f"object {k}"))
+                                    torch.tensor(mesh.faces), colors.clone(), object_name(k)))
         for _ in range(1000):  # rejection sampling of a free spot
             size = float(rng.uniform(0.3, 0.5))
             c = np.array([rng.uniform(-0.6, 0.6), rng.uniform(-0.35, 0.35), rng.uniform(-0.4, 0.4)])

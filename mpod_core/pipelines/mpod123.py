@@ -35,32 +35,32 @@ the start + ``iterations``), so a resumed run continues every schedule.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch.nn import functional as F
 
+from ..progress import ProgressFn
 from ..cameras import orbit_cameras
+from ..configdoc import limits
 from ..fields import NeRFFieldConfig, RadianceField
 from ..fields import regularizers as reg
 from ..fields.backprop import DEFAULT_GRAD_SAMPLE_BUDGET, render_and_backprop
 from ..fields.shading import Shading
 from ..guidance.protocol import Denoiser, ViewCondition
 from ..guidance.schedules import TIMESTEP_PRESET_NAMES, TimestepSchedule, timestep_schedule
-from ..guidance.sds import SDSConfig, sds_image_loss
+from ..guidance.sds import MAX_GUIDANCE_PIXELS, NonFiniteGuard, SDSConfig, sds_image_loss
+from ..loss_history import LossHistory, LossMap
 from ..volume.rendering import DEFAULT_MAX_SAMPLES_PER_RAY
 
-#: ``progress(step, total, preview)``: preview is an (H, W, 3) image in [0, 1] or None.
-ProgressFn = Callable[[int, int, Optional[torch.Tensor]], None]
 
 #: Largest render and guidance sizes accepted (memory is bounded by the two-pass
 #: backward whatever the render size; the guidance's encoder holds its graph for
-#: the whole batch: ``batch_size * guidance_resolution^2`` is capped too).
+#: the whole batch: ``batch_size * guidance_resolution^2`` is capped too, at
+#: :data:`~mpod_core.guidance.sds.MAX_GUIDANCE_PIXELS`, imported above).
 MAX_RESOLUTION = 2048
-MAX_GUIDANCE_PIXELS = 4 * 256 * 256
 MAX_SAMPLES_PER_RAY = DEFAULT_MAX_SAMPLES_PER_RAY
 
 
@@ -74,41 +74,41 @@ def zero123_sds_config() -> SDSConfig:
 class Stage1Config:
     """Settings of :func:`fit_stage1`; each default names its source."""
 
-    iterations: int = 5000
+    iterations: int = field(default=5000, metadata=limits(1, 100000))
     """Iterations to run (on top of those a resumed field already has). MPOD123 sec. 4.2: 5000."""
-    resolution: int = 128
+    resolution: int = field(default=128, metadata=limits(16, MAX_RESOLUTION, 8))
     """Render resolution (square) of every view. MPOD123 sec. 4.2: 128."""
-    guidance_resolution: Optional[int] = 256
+    guidance_resolution: Optional[int] = field(default=256, metadata=limits(64, 512, 8))
     """Renders are resized to this before the denoiser encodes them (None: as rendered).
     Zero123 was trained at 256 (threestudio's zero123 guidance resizes to 256)."""
-    learning_rate: float = 1e-3
+    learning_rate: float = field(default=1e-3, metadata=limits(1e-5, 1.0, 1e-4))
     """Adam base rate, used by the MLP. MPOD123 sec. 4.2 and Magic123/stable-dreamfusion ``--lr``: 1e-3."""
     encoding_lr_scale: float = 10.0
     """The hash-grid encoding learns at ``learning_rate`` x this (Magic123 / stable-dreamfusion
     ``get_params``: encoder at 10x the base rate)."""
-    batch_size: int = 1
+    batch_size: int = field(default=1, metadata=limits(1, 4))
     """Novel views per SDS iteration (views per step; threestudio stable-zero123.yaml uses 12 -> 4
     on a GPU)."""
-    reference_probability: float = 0.25
+    reference_probability: float = field(default=0.25, metadata=limits(0.0, 1.0, 0.05))
     """Probability that an iteration fits the reference view instead of novel views (Magic123 /
     stable-dreamfusion: every 4th step)."""
     elevation_range: Tuple[float, float] = (-45.0, 45.0)
     """Novel-view elevations (degrees), drawn uniformly (Magic123: +-45)."""
     azimuth_range: Tuple[float, float] = (-180.0, 180.0)
     """Novel-view azimuths (degrees), drawn uniformly."""
-    reference_elevation: float = 0.0
+    reference_elevation: float = field(default=0.0, metadata=limits(-89.0, 89.0, 1.0))
     """Elevation of the reference view, degrees (MPOD123 assumes a frontal image: 0; a photo taken
     from above has a positive one). Zero123's relative cameras and the reference view follow it."""
     reference_azimuth: float = 0.0
     """Azimuth of the reference view (0)."""
-    distance: float = 2.5
+    distance: float = field(default=2.5, metadata=limits(0.1, 100.0, 0.05))
     """Camera distance of every view (MPOD123 / Magic123: 2.5)."""
-    fov: float = 40.0
+    fov: float = field(default=40.0, metadata=limits(1.0, 179.0, 0.5))
     """Vertical field of view of every view, degrees (MPOD123 / Magic123: 40)."""
     sds: SDSConfig = field(default_factory=zero123_sds_config)
     """Score distillation settings (guidance scale, weighting); the timestep range comes from
     the schedule below."""
-    timestep_preset: str = "stable-zero123"
+    timestep_preset: str = field(default="stable-zero123", metadata=limits(options=TIMESTEP_PRESET_NAMES))
     """Timestep schedule (:data:`~mpod_core.guidance.schedules.TIMESTEP_PRESETS`, or "custom")."""
     custom_timesteps: TimestepSchedule = field(default_factory=lambda: TimestepSchedule(0.02, 0.98))
     """The schedule used when ``timestep_preset == "custom"``."""
@@ -118,14 +118,14 @@ class Stage1Config:
     """Reference RGB weight (threestudio stable-zero123.yaml ``lambda_rgb``: 500 -> 1000)."""
     lambda_mask: float = 50.0
     """Reference mask weight (threestudio stable-zero123.yaml ``lambda_mask``)."""
-    lambda_orient: float = 1.0
+    lambda_orient: float = field(default=1.0, metadata=limits(0.0, 1000.0, 0.01))
     """Orientation (DreamFusion) weight (threestudio stable-zero123.yaml ``lambda_orient``)."""
-    lambda_normal_smooth: float = 5.0
+    lambda_normal_smooth: float = field(default=5.0, metadata=limits(0.0, 1000.0, 0.01))
     """2D normal-smoothness weight (threestudio stable-zero123.yaml ``lambda_normal_smooth``,
     a 7 -> 5 -> 10 schedule there, held at 5 here)."""
-    lambda_sparsity: float = 0.5
+    lambda_sparsity: float = field(default=0.5, metadata=limits(0.0, 1000.0, 0.01))
     """Mean-opacity weight on novel views (threestudio stable-zero123.yaml ``lambda_sparsity``)."""
-    lambda_opaque: float = 0.5
+    lambda_opaque: float = field(default=0.5, metadata=limits(0.0, 1000.0, 0.01))
     """Opacity binary-entropy weight (threestudio stable-zero123.yaml ``lambda_opaque``)."""
     shading_augmentation: bool = True
     """Magic123 / stable-dreamfusion shading: normal maps for the first ``normal_shading_fraction``
@@ -137,7 +137,7 @@ class Stage1Config:
     textureless_probability: float = 0.2
     """Probability of textureless shading after the normal phase (stable-dreamfusion
     ``--textureless_ratio``)."""
-    coarse_levels: int = 8
+    coarse_levels: int = field(default=8, metadata=limits(0, 16))
     """Hash-grid levels in use during the coarse phase; 0 = all levels from the start
     (Magic123: 8 of 16)."""
     coarse_fraction: float = 0.6
@@ -225,7 +225,13 @@ class Stage1Result:
     """The fitted field (its ``meta['steps_done']`` counts all iterations so far, its
     ``optimizer_state`` holds Adam's moments)."""
     history: Dict[str, List[Tuple[int, float]]]
-    """Per loss term, (iteration, value) pairs."""
+    """Per loss term, (iteration, value) pairs at the iterations that evaluated it (iterations
+    count from the field's start, so a resumed run continues the numbers)."""
+    loss_map: LossMap
+    """ComfyUI's LOSS_MAP of this call (:mod:`mpod_core.loss_history`): ``"loss"`` the total at
+    each iteration, and each term unweighted ("rgb", "mask", "sds", "orient", "normal_smooth",
+    "sparsity", "opaque"), 0 where it was not part of the loss; the total is the sum of the
+    terms times their ``lambda_*``."""
 
 
 def prepare_reference(image: torch.Tensor, mask: torch.Tensor, resolution: int,
@@ -366,7 +372,8 @@ def fit_stage1(image: torch.Tensor, mask: torch.Tensor, denoiser: Denoiser, conf
         image: (H, W, 3) reference image in [0, 1], square.
         mask: (H, W) foreground mask in [0, 1].
         denoiser: guidance (view-conditioned; receives each novel view's camera
-            as a :class:`ViewCondition`).
+            as a :class:`ViewCondition`); a guidance returning NaN/inf stops the run
+            (:class:`~mpod_core.guidance.sds.NonFiniteGuard`).
         config: :class:`Stage1Config`.
         field: a field to continue optimising (resume: its iteration count, occupancy
             grid and Adam moments continue); None: a fresh one.
@@ -401,6 +408,8 @@ def fit_stage1(image: torch.Tensor, mask: torch.Tensor, denoiser: Denoiser, conf
     ref_cam = orbit_cameras(config.reference_elevation, config.reference_azimuth, config.distance, config.fov)
     with_normals = config.lambda_orient > 0 or config.lambda_normal_smooth > 0
     history: Dict[str, List[Tuple[int, float]]] = {}
+    loss_history = LossHistory()
+    guard = NonFiniteGuard()
     coarse_until = config.coarse_fraction * total if config.coarse_levels > 0 else 0.0
     samples_per_ray_seen: Dict[str, float] = {}
 
@@ -421,7 +430,7 @@ def fit_stage1(image: torch.Tensor, mask: torch.Tensor, denoiser: Denoiser, conf
         g = config.guidance_resolution
         if g is not None and g != res:
             images = F.interpolate(images, size=(g, g), mode="bilinear", align_corners=False)
-        sds = sds_image_loss(images, denoiser, sds_config, step, views, noise_gen)
+        sds = sds_image_loss(images, denoiser, sds_config, step, views, noise_gen, guard=guard)
         regs, terms = regularization(out, config, novel=True)
         return config.lambda_sds * sds.loss + regs, {"sds": sds.loss, **terms}
 
@@ -445,7 +454,7 @@ def fit_stage1(image: torch.Tensor, mask: torch.Tensor, denoiser: Denoiser, conf
                 kind, loss_fn = "novel", novel_loss
             # samples per ray of the last render of this kind: a one-pass backward when they fit the budget
             per_ray = samples_per_ray_seen.get(kind)
-            _, terms, out = render_and_backprop(
+            loss, terms, out = render_and_backprop(
                 field, cams, res, res, lambda o: _with_float_terms(loss_fn(o)), shadings=shadings,
                 background=config.background, with_normals=with_normals, generator=rays_gen,
                 grad_sample_budget=config.grad_sample_budget, check_finite=check_finite,
@@ -453,6 +462,7 @@ def fit_stage1(image: torch.Tensor, mask: torch.Tensor, denoiser: Denoiser, conf
             samples_per_ray_seen[kind] = float(out["samples"].float().mean())
             for name, value in terms.items():
                 history.setdefault(name, []).append((step, value))
+            loss_history.record(float(loss), terms)
             optimiser.step()
             field.meta["steps_done"] = step + 1
             if progress is not None:
@@ -464,7 +474,7 @@ def fit_stage1(image: torch.Tensor, mask: torch.Tensor, denoiser: Denoiser, conf
     finally:
         field.field.active_levels = None
         field.optimizer_state = optimizer_moments(field, optimiser)
-    return Stage1Result(field=field, history=history)
+    return Stage1Result(field=field, history=history, loss_map=loss_history.as_loss_map())
 
 
 def _with_float_terms(result):

@@ -11,17 +11,34 @@ and :func:`placement_matrix` writes it as a 4x4 matrix for the output meshes and
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+import trimesh
 
-from ..cameras import Cameras, orbit_cameras
-from ..layout.align import LayoutConfig, LayoutResult, ProgressFn, SemanticFn, align_layout, initial_placement, overlay
+from ..cameras import REFERENCE_VIEW, Cameras, orbit_cameras
+from ..configdoc import limits
+from ..layout.align import LayoutConfig, LayoutResult, SemanticFn, align_layout, initial_placement, overlay
 from ..layout.crop import mask_box
 from ..layout.scene import DEFAULT_GREY, SceneObject, scene_object
-from ..mesh import MeshTensors
+from ..mesh import MeshTensors, compose_scene, object_names
+from ..progress import ProgressFn
+
+
+@dataclass
+class ReferenceView:
+    """The reference camera and working size of :func:`place_objects` (the node's widgets)."""
+
+    resolution: int = field(default=256, metadata=limits(32, 1024, 8))
+    """Longer side of the renders; the reference image is resized to it (REPARO's official configs: 256)."""
+    fov: float = field(default=REFERENCE_VIEW["fov"], metadata=limits(5.0, 120.0, 0.5))
+    """Vertical field of view of the reference camera, degrees (the pack's reference view: 40, Zero123's)."""
+    distance: float = field(default=REFERENCE_VIEW["distance"], metadata=limits(0.1, 100.0, 0.1))
+    """Distance of the reference camera from the world origin; sets the world units (the pack's
+    reference view: 2.5, the image-to-3D models' orbit radius)."""
 
 
 @dataclass
@@ -103,7 +120,7 @@ def place_objects(meshes: Sequence[MeshTensors], image: torch.Tensor, masks: tor
         resolution: longer side of the renders; the reference is resized to it.
         distance, fov: the reference camera (orbit distance in world units, vertical fov in degrees).
         semantic_loss, progress, backend: passed to :func:`~mpod_core.layout.align.align_layout`.
-        names: per-object names for error messages (default "object 1", ...).
+        names: per-object names for error messages (default object_00, object_01, ...).
 
     Raises:
         ValueError: no objects, mask and mesh counts that differ, a mask of another size than the
@@ -131,7 +148,7 @@ def place_objects(meshes: Sequence[MeshTensors], image: torch.Tensor, masks: tor
         depth = _resize(depth.float()[..., None], (h, w))[..., 0]
     if resolution < 16:
         raise ValueError(f"resolution must be >= 16, got {resolution}")
-    names = names or [f"object {i + 1}" for i in range(k)]
+    names = names or object_names(None, k)
     objects = [object_from_tensors(m, names[i]) for i, m in enumerate(meshes)]
     size = working_size(h, w, resolution)
     ref = _resize(image[..., :3].float(), size).clamp(0, 1)
@@ -159,3 +176,38 @@ def place_objects(meshes: Sequence[MeshTensors], image: torch.Tensor, masks: tor
     return Placement(matrices=matrices, translations=result.translations, scales=result.scales,
                      initial_matrices=initial, overlay=overlay(result.render, reference), render=result.render,
                      camera=camera, result=result)
+
+
+def semantic_reference(image: torch.Tensor, masks: torch.Tensor, background: float = 1.0) -> torch.Tensor:
+    """The reference as the semantic loss compares it with renders of the objects alone: the union of
+    the object masks kept, everything else set to ``background``.
+
+    Args:
+        image: (H, W, 3) in [0, 1]; masks: (K, H, W) or (H, W), 1 = object.
+
+    Returns:
+        (H, W, 3).
+    """
+    union = (masks.float().reshape(-1, *masks.shape[-2:]).amax(0) > 0.5)[..., None].to(image)
+    return image * union + background * (1 - union)
+
+
+def placed_outputs(meshes: Sequence[trimesh.Trimesh], placement: Placement, names: Sequence[str]):
+    """The meshes moved to their places, one scene of them all, and the layout as JSON-ready dicts.
+
+    Args:
+        meshes: the K meshes :func:`place_objects` placed (their own frames; not modified).
+        placement: its result.
+        names: K object names (the scene's node names).
+
+    Returns:
+        (K moved copies, a ``trimesh.Scene`` with one named node per object, K dicts with the
+        object's ``name``, world ``translation`` (3,), ``scale`` (3,) and 4x4 ``matrix``).
+    """
+    matrices = placement.matrices.detach().cpu().numpy().astype(np.float64)
+    placed = [mesh.copy().apply_transform(matrix) for mesh, matrix in zip(meshes, matrices)]
+    scene = compose_scene(meshes, names, transforms=list(matrices))
+    layout = [{"name": n, "translation": t.tolist(), "scale": s.tolist(), "matrix": m.tolist()}
+              for n, t, s, m in zip(names, placement.translations.detach().cpu().double(),
+                                    placement.scales.detach().cpu().double(), matrices)]
+    return placed, scene, layout

@@ -8,15 +8,15 @@ before they drive a 3D optimisation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch
 
+from ..progress import ProgressFn
 from ..guidance.protocol import Denoiser, ViewCondition
-from ..guidance.sds import SDSConfig, sds_image_loss
+from ..guidance.sds import MAX_GUIDANCE_PIXELS, NonFiniteGuard, SDSConfig, sds_image_loss
+from ..loss_history import LossHistory, LossMap
 
-#: ``progress(step, total, preview)``: preview is an (H, W, 3) image in [0, 1] or None.
-ProgressFn = Callable[[int, int, Optional[torch.Tensor]], None]
 
 
 @dataclass
@@ -50,17 +50,29 @@ class SDSFitResult:
 
     image: torch.Tensor
     """(B, 3, H, W) the optimised image in [0, 1]."""
-    losses: List[float]
-    """SDS loss value at each step."""
+    loss_map: LossMap
+    """``{"loss": [SDS loss at each step]}`` (ComfyUI's LOSS_MAP, :mod:`mpod_core.loss_history`)."""
     grad_norms: List[float]
     """Norm of the gradient that reached the image at each step."""
 
 
+def check_image_size(batch: int, height: int, width: int, name: str = "image") -> None:
+    """Raise ValueError naming :data:`~mpod_core.guidance.sds.MAX_GUIDANCE_PIXELS` when
+    ``batch x height x width`` exceeds it (the VAE encoder's backward memory)."""
+    pixels = int(batch) * int(height) * int(width)
+    if pixels > MAX_GUIDANCE_PIXELS:
+        raise ValueError(f"{name}: batch x height x width = {batch} x {height} x {width} = {pixels} exceeds "
+                         f"{MAX_GUIDANCE_PIXELS} (one 512x512 image, or 4 of 256x256), the most the VAE "
+                         f"encoder's backward is allowed to hold in memory; scale the image down or split the batch")
+
+
 def check_image(image: torch.Tensor, name: str = "image") -> None:
-    """Raise ValueError unless ``image`` is a finite (B, 3, H, W) tensor."""
+    """Raise ValueError unless ``image`` is a finite (B, 3, H, W) tensor of at most
+    :data:`~mpod_core.guidance.sds.MAX_GUIDANCE_PIXELS` pixels in all."""
     if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != 3:
         got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"{name}: expected (B, 3, H, W) RGB, got {got}")
+    check_image_size(image.shape[0], image.shape[2], image.shape[3], name)
     if not torch.isfinite(image).all():
         raise ValueError(f"{name}: contains NaN or infinite values")
 
@@ -78,19 +90,23 @@ def sds_fit(image: torch.Tensor, denoiser: Denoiser, config: SDSFitConfig,
 
     Returns:
         :class:`SDSFitResult`.
+
+    Raises:
+        NonFiniteGuidanceError: the guidance returned NaN/inf (see :class:`NonFiniteGuard`).
     """
     config.validate()
     check_image(image)
     generator = torch.Generator(device=image.device).manual_seed(int(config.seed))
     pixels = image.detach().clone().clamp(0, 1).requires_grad_(True)
     optimiser = torch.optim.Adam([pixels], lr=config.learning_rate)
-    losses, grad_norms = [], []
+    history, grad_norms = LossHistory(), []
+    guard = NonFiniteGuard()
     for step in range(config.steps):
         optimiser.zero_grad(set_to_none=True)
-        out = sds_image_loss(pixels, denoiser, config.sds, step, views, generator)
+        out = sds_image_loss(pixels, denoiser, config.sds, step, views, generator, guard=guard)
         out.loss.backward()
         grad_norms.append(float(pixels.grad.norm()))
-        losses.append(float(out.loss.detach()))
+        history.record(float(out.loss.detach()))
         optimiser.step()
         with torch.no_grad():
             pixels.clamp_(0, 1)
@@ -98,4 +114,4 @@ def sds_fit(image: torch.Tensor, denoiser: Denoiser, config: SDSFitConfig,
             last = step + 1 == config.steps
             preview = pixels[0].detach().permute(1, 2, 0) if last or (step + 1) % config.preview_every == 0 else None
             progress(step + 1, config.steps, preview)
-    return SDSFitResult(image=pixels.detach(), losses=losses, grad_norms=grad_norms)
+    return SDSFitResult(image=pixels.detach(), loss_map=history.as_loss_map(), grad_norms=grad_norms)

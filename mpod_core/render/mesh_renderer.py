@@ -2,19 +2,32 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..cameras import Cameras, get_rays, world_to_clip
 
 from . import ops
+from . import rasterize as _torch_raster
 
 #: Base grey of untextured, uncoloured meshes and the share of ambient light in its shading.
 PLAIN_GREY = 0.8
 PLAIN_AMBIENT = 0.3
-#: Default number of views rasterized together (bounds memory for long camera lists).
-DEFAULT_VIEWS_PER_CHUNK = 8
+#: Pixels rendered together at most by :func:`render_mesh` (its default ``chunk_pixels``).
+#: 2**22 = one 2048^2 view, or 64 views of 256^2. The pure-PyTorch renderer peaks at
+#: about 300 bytes per covered pixel (measured on a sphere filling 85% of a 1024^2 view
+#: with antialiasing: 261 MiB; at 512^2 x 4 views: 308 MiB): the rasterizer's int64
+#: depth keys and per-pixel barycentric work, interpolation, shading rays, the antialias
+#: pair lists and the outputs. A chunk therefore stays near 1.2 GiB whatever the image
+#: size: views are grouped up to this many pixels, and a bigger view is rendered in
+#: bands of rows (torch backend; nvdiffrast renders whole views, ~16 bytes a pixel).
+RENDER_CHUNK_PIXELS = 2 ** 22
+#: Largest ``views x width x height`` the Render Mesh Views node accepts. The outputs
+#: cannot be chunked away: the returned :class:`MeshRender` holds 56 bytes a pixel
+#: (colour, alpha, depth, normal, triangle id, rast) and the node's four images 40 more,
+#: so 2**25 pixels (two 4096^2 views, or 512 views of 256^2) end near 3 GiB, plus one chunk.
+MAX_RENDER_PIXELS = 2 ** 25
 
 
 @dataclass
@@ -65,7 +78,7 @@ def render_mesh(vertices: torch.Tensor, faces: torch.Tensor, cameras: Cameras, w
                 texture: Optional[torch.Tensor] = None,
                 background: Union[Sequence[float], torch.Tensor] = (0.0, 0.0, 0.0),
                 antialias: bool = True, backend: str = "auto",
-                views_per_chunk: int = DEFAULT_VIEWS_PER_CHUNK,
+                chunk_pixels: int = RENDER_CHUNK_PIXELS,
                 progress: Optional[Callable[[int, int, Optional[torch.Tensor]], None]] = None) -> MeshRender:
     """Render a triangle mesh from N cameras.
 
@@ -91,7 +104,11 @@ def render_mesh(vertices: torch.Tensor, faces: torch.Tensor, cameras: Cameras, w
         antialias: blend silhouette pixels analytically (gives ``alpha`` and
             ``color`` gradients w.r.t. vertex positions at silhouettes).
         backend: one of :data:`ops.BACKENDS`.
-        views_per_chunk: views rasterized together; bounds memory.
+        chunk_pixels: pixels rendered together at most (bounds the working memory,
+            see :data:`RENDER_CHUNK_PIXELS`): ``chunk_pixels // (width * height)``
+            views at a time, or, with the torch backend, one view in bands of
+            ``chunk_pixels // width`` rows when a view is bigger. The result does
+            not depend on it (bands overlap by one row for antialiasing).
         progress: optional ``progress(views_done, n_views, preview)`` called after each
             chunk of views with the chunk's first colour image (H, W, 3); it may raise
             to stop the render (ComfyUI's interrupt).
@@ -129,8 +146,9 @@ def render_mesh(vertices: torch.Tensor, faces: torch.Tensor, cameras: Cameras, w
     width, height = int(width), int(height)
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
-    if int(views_per_chunk) < 1:
-        raise ValueError(f"views_per_chunk must be >= 1, got {views_per_chunk}")
+    chunk_pixels = int(chunk_pixels)
+    if chunk_pixels < 1:
+        raise ValueError(f"chunk_pixels must be >= 1, got {chunk_pixels}")
     if vertex_colors is not None:
         vertex_colors = _check_vertex_array(vertex_colors, "vertex_colors", n_verts, (3, 4))
     if (uv is None) != (texture is None):
@@ -152,24 +170,48 @@ def render_mesh(vertices: torch.Tensor, faces: torch.Tensor, cameras: Cameras, w
 
     cams = cameras.to(device=device, dtype=dtype)
     fnormals = face_normals(vertices, faces)
-    chunks = []
-    for s in range(0, n_views, int(views_per_chunk)):
-        e = min(s + int(views_per_chunk), n_views)
-        sub = Cameras(cams.c2w[s:e], cams.fovy[s:e], cams.near, cams.far)
-        chunks.append(_render_views(vertices, faces, sub, width, height, fnormals, vertex_colors, uv,
-                                    texture, bg[s:e], antialias, backend))
+    args = (vertices, faces, width, height, fnormals, vertex_colors, uv, texture, antialias, backend)
+    views_per_chunk = max(1, chunk_pixels // (width * height))
+    banded = width * height > chunk_pixels and ops.resolve_backend(backend, vertices) == "torch"
+    if views_per_chunk >= n_views and not banded:
+        out = _render_views(cams, bg, *args)
         if progress is not None:
-            progress(e, n_views, chunks[-1].color[0].detach())
-    if len(chunks) == 1:
-        return chunks[0]
-    return MeshRender(*(torch.cat([getattr(c, f) for c in chunks]) for f in
-                        ("color", "alpha", "depth", "normal", "triangle_id", "rast")))
+            progress(n_views, n_views, out.color[0].detach())
+        return out
+    halo = 1 if antialias else 0  # antialiasing blends each pixel with its 4 neighbours
+    band_rows = max(1, chunk_pixels // width - 2 * halo) if banded else height
+    out = None
+    for s in range(0, n_views, views_per_chunk):
+        e = min(s + views_per_chunk, n_views)
+        sub = Cameras(cams.c2w[s:e], cams.fovy[s:e], cams.near, cams.far)
+        for r0 in range(0, height, band_rows):
+            r1 = min(r0 + band_rows, height)
+            rows = (max(r0 - halo, 0), min(r1 + halo, height)) if banded else None
+            piece = _render_views(sub, bg[s:e], *args, rows=rows)
+            if out is None:  # written in place: concatenating would hold every output twice
+                out = MeshRender(*(torch.empty((n_views, height, width) + t.shape[3:], dtype=t.dtype,
+                                               device=t.device) for t in _fields(piece)))
+            keep = slice(r0 - rows[0], r1 - rows[0]) if banded else slice(None)
+            for dst, src in zip(_fields(out), _fields(piece)):
+                dst[s:e, r0:r1] = src[:, keep]
+            del piece
+        if progress is not None:
+            progress(e, n_views, out.color[s].detach())
+    return out
 
 
-def _render_views(vertices, faces, cams, width, height, fnormals, vertex_colors, uv, texture, bg,
-                  do_antialias, backend) -> MeshRender:
+def _fields(r: MeshRender) -> Tuple[torch.Tensor, ...]:
+    return r.color, r.alpha, r.depth, r.normal, r.triangle_id, r.rast
+
+
+def _render_views(cams, bg, vertices, faces, width, height, fnormals, vertex_colors, uv, texture,
+                  do_antialias, backend, rows: Optional[Tuple[int, int]] = None) -> MeshRender:
+    """Render ``cams`` (n views), or only the image rows ``rows`` = (r0, r1) with the torch backend."""
     clip = world_to_clip(vertices, cams, width, height)  # (n, V, 4)
-    rast = ops.rasterize(clip, faces, (height, width), backend=backend)
+    if rows is None:
+        rast = ops.rasterize(clip, faces, (height, width), backend=backend)
+    else:
+        rast = _torch_raster.rasterize_torch(clip, faces, (height, width), rows=rows)
     tid = rast[..., 3].detach().long() - 1
     covered = (tid >= 0)[..., None]
     cov = covered.to(vertices.dtype)
@@ -181,13 +223,17 @@ def _render_views(vertices, faces, cams, width, height, fnormals, vertex_colors,
     elif vertex_colors is not None:
         base = ops.interpolate(vertex_colors[:, :3], rast, faces, backend=backend)
     else:
-        _, dirs = get_rays(cams, width, height)
+        _, dirs = get_rays(cams, width, height, rows=rows)
         shade = (normal * dirs).sum(-1, keepdim=True).abs()
         base = PLAIN_GREY * (PLAIN_AMBIENT + (1.0 - PLAIN_AMBIENT) * shade)
     color = base * cov + bg[:, None, None, :] * (1 - cov)
     alpha = cov
     if do_antialias:
-        both = ops.antialias(torch.cat([color, alpha], dim=-1), rast, clip, faces, backend=backend)
+        both = torch.cat([color, alpha], dim=-1)
+        if rows is None:
+            both = ops.antialias(both, rast, clip, faces, backend=backend)
+        else:
+            both = _torch_raster.antialias_torch(both, rast, clip, faces, row0=rows[0], image_height=height)
         color, alpha = both[..., :3], both[..., 3:]
     return MeshRender(color=color.clamp(0.0, 1.0), alpha=alpha[..., 0].clamp(0.0, 1.0), depth=depth,
                       normal=normal, triangle_id=tid, rast=rast)

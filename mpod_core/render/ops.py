@@ -16,17 +16,16 @@ of the image (NDC y = +1), column 0 the left, pixel centres at half-integers
 """
 from __future__ import annotations
 
-import warnings
 from typing import Sequence, Tuple
 
 import torch
 
 from . import nvdiffrast_backend as _nv
 from . import rasterize as _torch
+from ..lazy_cuda import warn_fallback_once
 
 #: Accepted values of every ``backend`` argument.
 BACKENDS = ("auto", "torch", "nvdiffrast")
-_FALLBACK_WARNED = [False]
 
 
 def _resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
@@ -40,17 +39,20 @@ def _resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
         return "nvdiffrast"
     if all(t.is_cuda for t in tensors) and _nv.is_available():
         return "nvdiffrast"
-    if not _FALLBACK_WARNED[0]:
-        _FALLBACK_WARNED[0] = True
-        if not torch.cuda.is_available():
-            reason = "CUDA is not available"
-        elif not all(t.is_cuda for t in tensors):
-            reason = "the inputs are not on the GPU"
-        else:
-            reason = "nvdiffrast is not installed"
-        warnings.warn(f"mpod_core.render: backend='auto' uses the pure-PyTorch rasterizer ({reason}); "
-                      "this warning is shown once per process.", RuntimeWarning, stacklevel=3)
+    if not torch.cuda.is_available():
+        reason = "CUDA is not available"
+    elif not all(t.is_cuda for t in tensors):
+        reason = "the inputs are not on the GPU"
+    else:
+        reason = "nvdiffrast is not installed"
+    warn_fallback_once("nvdiffrast", f"mpod_core.render: backend='auto' uses the pure-PyTorch rasterizer ({reason})",
+                       stacklevel=3)
     return "torch"
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
+    """The implementation the ops use for ``backend`` and these tensors: "torch" or "nvdiffrast"."""
+    return _resolve_backend(backend, *tensors)
 
 
 def _shape(t: torch.Tensor) -> Tuple[int, ...]:

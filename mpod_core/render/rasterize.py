@@ -69,7 +69,7 @@ _AA_EPS = 1.0 / 16.0
 # --------------------------------------------------------------------------- rasterize
 @torch.no_grad()
 def coverage_torch(pos_clip: torch.Tensor, tri: torch.Tensor, resolution: Tuple[int, int],
-                   max_pairs: Optional[int] = None) -> torch.Tensor:
+                   max_pairs: Optional[int] = None, rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """Discrete part of :func:`rasterize_torch`: the nearest triangle per pixel.
 
     Args:
@@ -78,12 +78,18 @@ def coverage_torch(pos_clip: torch.Tensor, tri: torch.Tensor, resolution: Tuple[
         resolution: (H, W).
         max_pairs: bound on candidate (triangle, pixel) pairs per chunk
             (default :data:`DEFAULT_MAX_PAIRS`); the result does not depend on it.
+        rows: optional (r0, r1): rasterize only rows r0 <= row < r1 of the
+            (H, W) image (a band, to bound memory); the result equals those
+            rows of the whole image's (pixel coordinates are shifted by whole
+            rows on the fixed-point grid, which is exact).
 
     Returns:
-        (N, H, W) int64 triangle index into ``tri`` (-1 where nothing covers
-        the pixel centre).
+        (N, r1 - r0, W) int64 triangle index into ``tri`` (-1 where nothing
+        covers the pixel centre); (N, H, W) without ``rows``.
     """
-    height, width = int(resolution[0]), int(resolution[1])
+    full_height, width = int(resolution[0]), int(resolution[1])
+    row0, row1 = _check_rows(rows, full_height)
+    height = row1 - row0
     n_views, n_verts = pos_clip.shape[0], pos_clip.shape[1]
     n_faces = tri.shape[0]
     device = pos_clip.device
@@ -93,8 +99,8 @@ def coverage_torch(pos_clip: torch.Tensor, tri: torch.Tensor, resolution: Tuple[
         raise ValueError(f"max_pairs must be >= 1, got {max_pairs}")
     if n_faces >= 2 ** 32:
         raise ValueError(f"too many triangles for one call: {n_faces}")
-    if max(width, height) > 2 ** 15:
-        raise ValueError(f"resolution: at most 32768 pixels a side, got ({height}, {width})")
+    if max(width, full_height) > 2 ** 15:
+        raise ValueError(f"resolution: at most 32768 pixels a side, got ({full_height}, {width})")
     buf = torch.full((n_views * hw,), _EMPTY, dtype=torch.int64, device=device)
     if n_faces == 0 or n_views == 0:
         return buf.fill_(-1).view(n_views, height, width)
@@ -111,7 +117,9 @@ def coverage_torch(pos_clip: torch.Tensor, tri: torch.Tensor, resolution: Tuple[
     half = scale / 2
     lim = COORD_LIMIT * scale
     fx = torch.round((p[:, 0] * inv_w + 1) * (0.5 * width * scale)).clamp_(-lim, lim)
-    fy = torch.round((1 - p[:, 1] * inv_w) * (0.5 * height * scale)).clamp_(-lim, lim)
+    fy = torch.round((1 - p[:, 1] * inv_w) * (0.5 * full_height * scale)).clamp_(-lim, lim)
+    if row0:
+        fy -= row0 * scale  # integers below 2**53: exact
     z = p[:, 2] * inv_w
 
     # Per triangle, over the folded (view, triangle) list k = n * F + f, as (3, K) rows.
@@ -231,18 +239,22 @@ def _raster_chunk(buf, start, end, n_pairs, counts, tables, width):
     buf.scatter_reduce_(0, pix, key, reduce="amin")
 
 
-def rast_from_coverage(pos_clip: torch.Tensor, tri: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def rast_from_coverage(pos_clip: torch.Tensor, tri: torch.Tensor, ids: torch.Tensor, row0: int = 0,
+                       image_height: Optional[int] = None) -> torch.Tensor:
     """Differentiable part of :func:`rasterize_torch`.
 
     Args:
         pos_clip: (N, V, 4) clip coordinates (may require grad).
         tri: (F, 3) int64.
-        ids: (N, H, W) int64 triangle per pixel, -1 for background.
+        ids: (N, H_b, W) int64 triangle per pixel, -1 for background: the
+            rows row0 <= row < row0 + H_b of an image ``image_height`` rows
+            tall (default: the whole image, row0 = 0, image_height = H_b).
 
     Returns:
-        rast (N, H, W, 4) = (u, v, z_ndc, id + 1), zeros on background.
+        rast (N, H_b, W, 4) = (u, v, z_ndc, id + 1), zeros on background.
     """
     n_views, height, width = ids.shape
+    full_height = height if image_height is None else int(image_height)
     flat = ids.reshape(-1)
     pix = (flat >= 0).nonzero().squeeze(1)
     out = torch.zeros(flat.shape[0], 4, dtype=pos_clip.dtype, device=pos_clip.device)
@@ -256,7 +268,7 @@ def rast_from_coverage(pos_clip: torch.Tensor, tri: torch.Tensor, ids: torch.Ten
     col = rem - row * width
     dtype = pos_clip.dtype
     cx = (2.0 * col.to(dtype) + 1.0) / width - 1.0   # NDC of the pixel centre
-    cy = 1.0 - (2.0 * row.to(dtype) + 1.0) / height
+    cy = 1.0 - (2.0 * (row + int(row0)).to(dtype) + 1.0) / full_height
     corners = tri.index_select(0, face) + (view * pos_clip.shape[1])[:, None]
     v = pos_clip.reshape(-1, 4).index_select(0, corners.reshape(-1)).view(-1, 3, 4)
     a = v[..., 0] - cx[:, None] * v[..., 3]
@@ -274,7 +286,7 @@ def rast_from_coverage(pos_clip: torch.Tensor, tri: torch.Tensor, ids: torch.Ten
 
 
 def rasterize_torch(pos_clip: torch.Tensor, tri: torch.Tensor, resolution: Tuple[int, int],
-                    max_pairs: Optional[int] = None) -> torch.Tensor:
+                    max_pairs: Optional[int] = None, rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """Rasterize triangles (pure torch). See :func:`mpod_core.render.rasterize`.
 
     Args:
@@ -283,13 +295,26 @@ def rasterize_torch(pos_clip: torch.Tensor, tri: torch.Tensor, resolution: Tuple
         resolution: (H, W).
         max_pairs: candidate-pair budget per chunk (memory bound), default
             :data:`DEFAULT_MAX_PAIRS`. The result does not depend on it.
+        rows: optional (r0, r1): only rows r0 <= row < r1 of the image (see
+            :func:`coverage_torch`); the others are never allocated.
 
     Returns:
         rast (N, H, W, 4) = (u, v, z_ndc, triangle_id + 1), differentiable
-        w.r.t. ``pos_clip`` through u, v, z.
+        w.r.t. ``pos_clip`` through u, v, z; (N, r1 - r0, W, 4) with ``rows``.
     """
-    ids = coverage_torch(pos_clip, tri, resolution, max_pairs)
-    return rast_from_coverage(pos_clip, tri, ids)
+    ids = coverage_torch(pos_clip, tri, resolution, max_pairs, rows)
+    row0 = 0 if rows is None else int(rows[0])
+    return rast_from_coverage(pos_clip, tri, ids, row0=row0, image_height=int(resolution[0]))
+
+
+def _check_rows(rows, height: int) -> Tuple[int, int]:
+    """(r0, r1) of a row band, checked against the image height; (0, height) for None."""
+    if rows is None:
+        return 0, height
+    r0, r1 = int(rows[0]), int(rows[1])
+    if not 0 <= r0 < r1 <= height:
+        raise ValueError(f"rows: expected 0 <= r0 < r1 <= {height}, got ({r0}, {r1})")
+    return r0, r1
 
 
 # --------------------------------------------------------------------------- interpolate
@@ -438,7 +463,7 @@ def _segment_exit(corners, vsx, vsy, pcx, pcy, dqx, dqy):
 
 
 def antialias_torch(color: torch.Tensor, rast: torch.Tensor, pos_clip: torch.Tensor,
-                    tri: torch.Tensor) -> torch.Tensor:
+                    tri: torch.Tensor, row0: int = 0, image_height: Optional[int] = None) -> torch.Tensor:
     """Analytic silhouette antialiasing (pure torch). See :func:`mpod_core.render.antialias`.
 
     For each adjacent pixel pair (p, q) with different triangles, p the front
@@ -454,11 +479,17 @@ def antialias_torch(color: torch.Tensor, rast: torch.Tensor, pos_clip: torch.Ten
         rast: (N, H, W, 4) from rasterizing ``pos_clip``, ``tri``.
         pos_clip: (N, V, 4).
         tri: (F, 3) int64.
+        row0, image_height: ``color`` and ``rast`` are the rows row0 <= row <
+            row0 + H of an image ``image_height`` rows tall (default: the whole
+            image). Only pairs inside the band are blended: its first and last
+            rows lack their outer neighbours, so a caller rendering an image
+            band by band adds one row of overlap on each side and drops it.
 
     Returns:
         (N, H, W, C), differentiable w.r.t. ``color`` and ``pos_clip``.
     """
     n_views, height, width, channels = color.shape
+    full_height = height if image_height is None else int(image_height)
     n_verts = pos_clip.shape[1]
     hw = height * width
     if tri.shape[0] == 0:
@@ -498,7 +529,7 @@ def antialias_torch(color: torch.Tensor, rast: torch.Tensor, pos_clip: torch.Ten
         w_ok = w > W_EPSILON
         inv_w = 1.0 / torch.where(w_ok, w, torch.ones_like(w))
         vsx = (pos_d[:, 0] * inv_w + 1) * (0.5 * width)
-        vsy = (1 - pos_d[:, 1] * inv_w) * (0.5 * height)
+        vsy = (1 - pos_d[:, 1] * inv_w) * (0.5 * full_height) - row0  # band rows
         # Topology on welded vertices: far vertex and face across each edge.
         canon = _weld(pos_clip[0])
         tri_w = canon[tri]
@@ -552,9 +583,9 @@ def antialias_torch(color: torch.Tensor, rast: torch.Tensor, pos_clip: torch.Ten
     flat_pos = pos_clip.reshape(-1, 4)
     vi, vj = flat_pos.index_select(0, ci), flat_pos.index_select(0, cj)
     xi = (vi[:, 0] / vi[:, 3] + 1) * (0.5 * width)
-    yi = (1 - vi[:, 1] / vi[:, 3]) * (0.5 * height)
+    yi = (1 - vi[:, 1] / vi[:, 3]) * (0.5 * full_height) - row0
     xj = (vj[:, 0] / vj[:, 3] + 1) * (0.5 * width)
-    yj = (1 - vj[:, 1] / vj[:, 3]) * (0.5 * height)
+    yj = (1 - vj[:, 1] / vj[:, 3]) * (0.5 * full_height) - row0
     ex, ey = xj - xi, yj - yi
     ep = (ex * (pcy - yi) - ey * (pcx - xi)) * sgn
     de = (ex * dqy - ey * dqx) * sgn

@@ -8,6 +8,7 @@ The denoiser adapters over MODEL / VAE / CLIP_VISION live in
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -21,6 +22,9 @@ import folder_paths
 
 #: Input sub-folder that uploads of 3D files go to (shared with core Load 3D).
 MESH_UPLOAD_SUBFOLDER = "3d"
+
+#: Sub-folder of output (and input) that radiance fields are saved to by default and listed from.
+FIELD_SUBFOLDER = "fields"
 
 
 def torch_device() -> torch.device:
@@ -37,40 +41,127 @@ def input_directory() -> Path:
     return Path(folder_paths.get_input_directory())
 
 
-def _list_files(root: Path, extensions: Iterable[str]) -> list[str]:
-    exts = {e.lower() for e in extensions}
-    if not root.is_dir():
-        return []
-    found = [p.relative_to(root).as_posix() for p in root.rglob("*")
-             if p.is_file() and p.suffix.lower() in exts and not p.name.startswith(".")]
-    return sorted(found)
+#: Cached listings: (root, recursive, extensions) -> (names, {directory: mtime_ns} it walked).
+_listings: dict[tuple[str, bool, frozenset[str]], tuple[list[str], dict[str, int]]] = {}
+
+#: A listing whose newest directory changed less than this long before the scan is not cached: a file
+#: added in the same filesystem clock tick (a few ms on ext4) would not change the mtime again.
+_RACY_NS = 2_000_000_000
 
 
-def list_input_files(extensions: Iterable[str]) -> list[str]:
-    """Files under ComfyUI's input folder (recursively) with one of ``extensions``.
+def _scan(root: str, recursive: bool, exts: frozenset[str]) -> tuple[list[str], dict[str, int]]:
+    """Files under ``root`` whose suffix is in ``exts`` (hidden names skipped), following links to
+    files and folders (each real folder walked once, so a link loop ends), and the mtime of every
+    folder walked."""
+    found: list[str] = []
+    dirs: dict[str, int] = {}
+    seen: set[tuple[int, int]] = set()
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        folder = os.path.join(root, rel) if rel else root
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            dirs[folder] = st.st_mtime_ns
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            name = f"{rel}/{entry.name}" if rel else entry.name
+            try:  # the suffix first: most entries of a big folder cost no stat at all
+                if os.path.splitext(entry.name)[1].lower() in exts and entry.is_file():
+                    found.append(name)
+                elif recursive and entry.is_dir():
+                    stack.append(name)
+            except OSError:  # a dangling link or a file removed meanwhile
+                continue
+    return sorted(found), dirs
 
-    Returns posix paths relative to the input folder, sorted, for a combo widget.
+
+def _list_files(root: Path, extensions: Iterable[str], recursive: bool = True) -> list[str]:
+    """Posix names relative to ``root`` of its files with one of ``extensions`` (all sub-folders when
+    ``recursive``, else the top level only), sorted.
+
+    Listings are cached and reused while no folder they walked has changed (its mtime), the rule
+    ComfyUI's model-folder listings follow: a node's options are built on every ``/object_info`` and
+    every prompt validation, and a folder of 10^5 images must not be read each time."""
+    exts = frozenset(e.lower() for e in extensions)
+    key = (os.path.abspath(root), recursive, exts)
+    cached = _listings.get(key)
+    if cached is not None and all(_mtime_ns(d) == t for d, t in cached[1].items()):
+        return list(cached[0])
+    started = time.time_ns()
+    names, dirs = _scan(key[0], recursive, exts)
+    if dirs and max(dirs.values()) < started - _RACY_NS:
+        _listings[key] = (names, dirs)
+    else:
+        _listings.pop(key, None)
+    return list(names)
+
+
+def _mtime_ns(folder: str) -> Optional[int]:
+    try:
+        return os.stat(folder).st_mtime_ns
+    except OSError:
+        return None
+
+
+def _list_under(root: Path, extensions: Iterable[str], subfolders: Iterable[str]) -> list[str]:
+    """Files anywhere under ``root/<subfolder>`` for each of ``subfolders``, named relative to ``root``."""
+    names = []
+    for sub in subfolders:
+        sub = sub.strip("/")
+        names += [f"{sub}/{name}" for name in _list_files(root / sub, extensions)]
+    return names
+
+
+def list_input_files(extensions: Iterable[str], subfolders: Iterable[str] = ()) -> list[str]:
+    """Files with one of ``extensions`` at the top level of ComfyUI's input folder and anywhere under
+    its ``subfolders`` (e.g. ``["3d"]``, where uploads of 3D files go), for a combo widget.
+
+    Never a walk of the whole input folder (it may hold 10^5 images): files elsewhere in it are not
+    listed, but :func:`resolve_input_file` accepts their names.
+
+    Returns:
+        Posix paths relative to the input folder, sorted.
     """
-    return _list_files(input_directory(), extensions)
+    extensions = list(extensions)
+    root = input_directory()
+    return sorted(set(_list_files(root, extensions, recursive=False)) | set(_list_under(root, extensions, subfolders)))
 
 
 #: ComfyUI's annotation for a file named relative to the output folder (as Load Image uses it).
 OUTPUT_ANNOTATION = " [output]"
 
 
-def list_input_and_output_files(extensions: Iterable[str]) -> list[str]:
-    """Input-folder files, then output-folder files annotated ``" [output]"``,
-    so what a save node wrote can be loaded back without moving it."""
-    outputs = [f"{name}{OUTPUT_ANNOTATION}" for name in _list_files(output_directory(), extensions)]
-    return list_input_files(extensions) + outputs
+def list_input_and_output_files(extensions: Iterable[str], subfolders: Iterable[str] = ()) -> list[str]:
+    """:func:`list_input_files`, then the files under the output folder's ``subfolders`` annotated
+    ``" [output]"``, so what a save node wrote there can be loaded back without moving it. The output
+    folder's top level, where generated images pile up, is not listed."""
+    extensions, subfolders = list(extensions), list(subfolders)
+    outputs = sorted(set(_list_under(output_directory(), extensions, subfolders)))
+    return list_input_files(extensions, subfolders) + [f"{name}{OUTPUT_ANNOTATION}" for name in outputs]
 
 
 def _inside(root: Path, relative: str, what: str) -> Path:
-    root = root.resolve()
-    path = (root / relative).resolve()
-    if os.path.commonpath([root, path]) != str(root):
+    """``root/relative``, normalised but with links kept (as ComfyUI checks names): a file or folder
+    linked in from elsewhere is inside; an absolute name or a ``..`` that leaves ``root`` is not.
+
+    Raises:
+        ValueError: the name is absolute, leaves ``root`` or names ``root`` itself.
+    """
+    root_str = os.path.abspath(root)
+    path = os.path.normpath(os.path.join(root_str, relative))
+    if (os.path.isabs(relative) or os.path.splitdrive(relative)[0]
+            or os.path.commonpath([root_str, path]) != root_str or path == root_str):
         raise ValueError(f"'{relative}' is outside ComfyUI's {what} folder")
-    return path
+    return Path(path)
 
 
 def resolve_input_or_output_file(name: str) -> Path:
@@ -128,10 +219,15 @@ def ensure_model_folder(folder_name: str) -> list[Path]:
 
 
 def list_model_files(folder_name: str, extensions: Iterable[str]) -> list[str]:
-    """Files with one of ``extensions`` in the model folders ``folder_name`` (registered on
-    first use), as posix paths relative to their folder, sorted, for a combo widget."""
-    found = {name for root in ensure_model_folder(folder_name) for name in _list_files(root, extensions)}
-    return sorted(found)
+    """Files with one of ``extensions`` in the model folders ``folder_name`` (registered on first use),
+    as posix paths relative to their folder, sorted, for a combo widget.
+
+    ComfyUI's own listing (``folder_paths.get_filename_list``): cached until a folder changes, and it
+    follows linked files and folders, as its loaders do."""
+    ensure_model_folder(folder_name)
+    exts = {e.lower() for e in extensions}
+    return sorted({name.replace(os.sep, "/") for name in folder_paths.get_filename_list(folder_name)
+                   if os.path.splitext(name)[1].lower() in exts})
 
 
 def resolve_model_file(folder_name: str, filename: str) -> Path:
@@ -169,12 +265,13 @@ def next_output_path(filename_prefix: str, extension: str) -> tuple[Path, str]:
     prefix = (filename_prefix or "").strip()
     if not prefix:
         raise ValueError("filename_prefix is empty")
-    out_dir = output_directory().resolve()
-    target = (out_dir / prefix).resolve()
-    if os.path.isabs(prefix) or os.path.commonpath([out_dir, target]) != str(out_dir) or target == out_dir:
+    out_dir = os.path.abspath(output_directory())
+    try:  # links kept, as ComfyUI's own save nodes check: output/ or a sub-folder may link elsewhere
+        _inside(Path(out_dir), prefix, "output")
+    except ValueError:
         raise ValueError(f"filename_prefix '{filename_prefix}' must be a relative name inside ComfyUI's "
-                         "output folder (no absolute paths, no '..')")
-    folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, str(out_dir))
+                         "output folder (no absolute paths, no '..')") from None
+    folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, out_dir)
     name = f"{filename}_{counter:05}_.{extension}"
     relative = Path(subfolder, name).as_posix() if subfolder else name
     return Path(folder) / name, relative

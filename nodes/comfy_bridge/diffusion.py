@@ -58,6 +58,7 @@ import comfy.sampler_helpers
 import comfy.samplers
 import comfy.utils
 
+from ..schema import check_image
 from ...mpod_core.guidance.protocol import ViewCondition
 
 __all__ = ["ComfyTextDenoiser", "ComfyZero123Denoiser", "zero123_camera_embeddings"]
@@ -279,10 +280,7 @@ class ComfyZero123Denoiser(_ComfyDenoiser):
             raise ValueError("model: this MODEL has no cc_projection, so it is not a Stable Zero123 model; "
                              "load stable_zero123.ckpt with Image Only Checkpoint Loader, or use text mode "
                              "(positive/negative) for SD models")
-        img = reference_image
-        if not isinstance(img, torch.Tensor) or img.ndim != 4 or img.shape[-1] < 3:
-            raise ValueError("reference_image: expected a ComfyUI IMAGE (B, H, W, 3), got "
-                             + (str(tuple(img.shape)) if isinstance(img, torch.Tensor) else type(img).__name__))
+        img = check_image(reference_image, "Zero123 guidance", "reference_image")
         if not torch.isfinite(img).all():
             raise ValueError("reference_image: the image contains NaN or infinite values")
         self.reference_image = img[:1, :, :, :3].float()

@@ -244,6 +244,24 @@ def test_bad_camera_values_are_clear_errors(comfy_server, tmp_path, field, value
     assert field in info.value.exception_message
 
 
+@pytest.mark.parametrize("azimuths,size", [("0, 120, 240", 4096),                      # 3 x 4096^2
+                                           (", ".join(["0"] * 513), 256)])           # 513 x 256^2
+def test_render_sizes_past_the_memory_limit_are_refused_in_validation(comfy_server, tmp_path, azimuths, size):
+    from mpod_core.render.mesh_renderer import MAX_RENDER_PIXELS
+    name = _upload_mesh(comfy_server, colored_mesh(), "big.glb", tmp_path)
+    inputs = {"mesh": ["1", 0], "azimuths": azimuths, "elevations": "0", "distance": 2.5, "fov": 40.0,
+              "width": size, "height": size, "frame_mesh": True, "background": 1.0, "antialias": True,
+              "backend": "auto"}
+    api = {"1": {"class_type": "MPOD3D_LoadMesh", "inputs": {"mesh_file": name, "normalize": False}},
+           "2": {"class_type": "MPOD3D_RenderMeshViews", "inputs": inputs},
+           "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
+    with pytest.raises(PromptRejected) as info:
+        comfy_server.queue(api)
+    errors = json.dumps(info.value.node_errors.get("2", {}))
+    views = len(azimuths.split(","))
+    assert "Render Mesh Views" in errors and f"= {views * size * size} exceeds {MAX_RENDER_PIXELS}" in errors, errors
+
+
 # ---------------------------------------------------------------- several meshes: lists and scenes
 def _two_meshes_prompt(server, tmp_path) -> tuple[dict, list[trimesh.Trimesh]]:
     """API prompt: Load Mesh x 2 -> Mesh List (node 3)."""

@@ -64,4 +64,4 @@ def test_crop_objects_errors_name_the_problem(comfy_server, uploaded):
     empty["5"]["inputs"]["channel"] = "blue"  # the mask images are red-only on black: blue is empty
     with pytest.raises(ExecutionError) as info:
         comfy_server.run(empty, timeout=300)
-    assert "object 0: its mask is empty" in info.value.exception_message
+    assert "object_00: its mask is empty" in info.value.exception_message

@@ -21,6 +21,7 @@ from PIL import Image
 
 from harness.comfy_server import ExecutionError
 from harness.gltf import validate_gltf
+from harness.loss_graph import add_loss_graph, check_loss_graph
 from harness.paths import WORKFLOWS_DIR
 from harness.progress import interrupt_after
 from harness.sam import write_sam_checkpoint
@@ -133,10 +134,10 @@ def _align_prompt(names, iterations=200, masks=(0, 1, 2), meshes=(0, 1, 2)):
     prompt["align"] = {"class_type": ALIGN, "inputs": {
         "image": ["1", 0], "masks": ["masks", 0], "meshes": ["list", 0], "iterations": iterations,
         "learning_rate": 0.02, "optimise_translation": True, "optimise_depth": False, "optimise_scale": True,
-        "uniform_scale": True, "loss": "ot", "alpha_rgb": 1.0, "beta_depth": 1.0, "gamma_xy": 1.0,
+        "uniform_scale": True, "loss": "ot", "alpha": 1.0, "beta": 1.0, "gamma": 1.0,
         "pixel_weight": 1.0, "lambda_appearance": 0.5, "semantic_every": 1, "match_interval": 5,
         "resolution": 128, "fov": 40.0,
-        "camera_distance": 2.5, "seed": 0, "backend": "auto"}}
+        "distance": 2.5, "seed": 0, "backend": "auto"}}
     prompt["save"] = {"class_type": "MPOD3D_SaveMesh", "inputs": {"mesh": ["align", 0], "filename_prefix":
                                                                    "reparo_known/object", "format": "glb"}}
     prompt["show"] = {"class_type": "PreviewAny", "inputs": {"source": ["align", 3]}}
@@ -145,7 +146,10 @@ def _align_prompt(names, iterations=200, masks=(0, 1, 2), meshes=(0, 1, 2)):
 
 def test_layout_align_recovers_a_known_layout_from_shipped_meshes(comfy_server, known_scene):
     scene, names = known_scene
-    entry = comfy_server.run(_align_prompt(names), timeout=900)
+    prompt = _align_prompt(names)
+    add_loss_graph(prompt, "align", 4)
+    entry = comfy_server.run(prompt, timeout=900)
+    check_loss_graph(comfy_server, entry, steps=200)
     files = _glbs(comfy_server, entry, "save")
     assert len(files) == 3
     boxes = LayoutScene(scene.objects, scene.translations, scene.scales).object_boxes().detach()

@@ -98,7 +98,7 @@ def _error(comfy_server, prompt) -> ExecutionError:
 
 def test_box_errors_name_the_problem(comfy_server, sam_checkpoint, scene):
     err = _error(comfy_server, _prompt(scene, sam_checkpoint, "[[20, 10, 60, 30], [200, 10, 260, 50]]"))
-    assert "boxes: box 1 [200, 10, 260, 50] is entirely outside the 160x100 image" in err.exception_message
+    assert "boxes: object_01: box [200, 10, 260, 50] is entirely outside the 160x100 image" in err.exception_message
     err = _error(comfy_server, _prompt(scene, sam_checkpoint, "[]"))
     assert "boxes: zero boxes" in err.exception_message
     err = _error(comfy_server, _prompt(scene, sam_checkpoint, "[[20, 10, 60, 30]"))

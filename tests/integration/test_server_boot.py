@@ -69,3 +69,64 @@ def test_every_pack_node_documents_itself(comfy_server):
         if node["output_name"] and node["output_name"] == node["output"] and len(node["output"]) > 1:
             problems.append(f"{nid}: outputs named only by type {node['output_name']}")
     assert not problems, "\n".join(problems)
+
+
+#: node id -> the core config classes its widgets are declared from (nodes/schema.py config_input).
+CONFIG_NODES = {
+    "MPOD3D_OTLayoutAlign": ("mpod_core.layout.align:LayoutConfig", "mpod_core.layout.ot_loss:OTLossConfig",
+                             "mpod_core.pipelines.reparo:ReferenceView"),
+    "MPOD3D_Zero123SDSNeRF": ("mpod_core.pipelines.mpod123:Stage1Config",),
+}
+
+
+def test_widgets_declared_from_configs_match_them_in_the_server(comfy_server):
+    """Widget names, defaults, ranges and tooltips the frontend gets are the core config's:
+    every widget named like a config field has that field's default, range and docstring."""
+    import dataclasses
+    import importlib
+
+    from mpod_core.configdoc import field_spec
+
+    info = comfy_server.object_info()
+    problems, checked = [], 0
+    for nid, paths in CONFIG_NODES.items():
+        inputs = {**info[nid]["input"]["required"], **(info[nid]["input"].get("optional") or {})}
+        for path in paths:
+            module, name = path.split(":")
+            cls = getattr(importlib.import_module(module), name)
+            for f in dataclasses.fields(cls):
+                if f.name not in inputs or "limits" not in f.metadata:
+                    continue
+                spec, (kind, opts) = field_spec(cls, f.name), inputs[f.name][:2]
+                checked += 1
+                if spec.options:
+                    got = (list(kind) if isinstance(kind, list) else opts.get("options"), opts.get("default"))
+                    want = (list(spec.options), spec.default)
+                else:
+                    got = (opts.get("default"), opts.get("min"), opts.get("max"))
+                    want = (spec.default, spec.min, spec.max)
+                if got != want:
+                    problems.append(f"{nid}.{f.name}: server {got} != config {want}")
+                if spec.doc and spec.doc not in opts.get("tooltip", ""):
+                    problems.append(f"{nid}.{f.name}: tooltip lacks the field's docstring")
+    assert checked >= 25, checked
+    assert not problems, "\n".join(problems)
+    layout = info["MPOD3D_OTLayoutAlign"]["input"]["required"]
+    assert {"pixel_weight", "alpha", "beta", "gamma", "distance"} <= set(layout)
+    assert not {"pixel_l2", "alpha_rgb", "camera_distance"} & set(layout)
+
+
+def test_seeds_and_backends_are_named_and_ranged_alike_on_every_node(comfy_server):
+    from nodes.registry import NODE_DISPLAY_NAMES
+
+    info = comfy_server.object_info()
+    seeds, backends = {}, {}
+    for nid in NODE_DISPLAY_NAMES:
+        inputs = {**info[nid]["input"]["required"], **(info[nid]["input"].get("optional") or {})}
+        if "seed" in inputs:
+            seeds[nid] = (inputs["seed"][1]["min"], inputs["seed"][1]["max"])
+        if "backend" in inputs:
+            spec = inputs["backend"]
+            backends[nid] = tuple(spec[0] if isinstance(spec[0], list) else spec[1]["options"])
+    assert len(seeds) >= 3 and set(seeds.values()) == {(0, 0xFFFFFFFFFFFFFFFF)}, seeds
+    assert len(backends) >= 4 and set(backends.values()) == {("auto", "torch", "cuda")}, backends

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from harness.comfy_server import ExecutionError, PromptRejected
 from harness.gltf import validate_gltf
+from harness.loss_graph import add_loss_graph, check_loss_graph
 from harness.progress import interrupt_after
 from harness.workflow_convert import ui_to_api
 from mpod_core.cameras import orbit_cameras
@@ -47,7 +48,7 @@ def _nerf_prompt(checkpoint, image_name, prefix, **widgets):
     nerf = {"invert_mask": True, "batch_size": 1, "learning_rate": 0.001, "guidance_scale": 3.0,
             "timestep_preset": "stable-zero123", "min_step": 0.02, "max_step": 0.98, "anneal_min_step": 0.02,
             "anneal_max_step": 0.98, "anneal_start": 0.0, "anneal_end": 0.0, "reference_probability": 0.25,
-            "reference_elevation": 0.0, "elevation_min": -45.0, "elevation_max": 45.0, "camera_distance": 2.5,
+            "reference_elevation": 0.0, "elevation_min": -45.0, "elevation_max": 45.0, "distance": 2.5,
             "fov": 40.0, "lambda_orient": 1.0, "lambda_normal_smooth": 5.0, "lambda_sparsity": 0.5,
             "lambda_opaque": 0.5, "shading_augmentation": True, "coarse_levels": 8, "seed": 0,
             "backend": "auto", **SMALL, **widgets,
@@ -86,9 +87,11 @@ def test_bundled_stage1_workflow_runs_and_resumes(comfy_server, zero123_checkpoi
             inputs.update(resolution=32, threshold=5.0)
         elif kind == "MPOD3D_SaveRadianceField":
             inputs["filename_prefix"] = "fields/stage1_wf"
+    add_loss_graph(api, next(k for k, n in api.items() if n["class_type"] == NERF), 2)
     t0 = time.monotonic()
     entry = comfy_server.run(api, timeout=900)
     print(f"\nstage-1 workflow, {SMALL['iterations']} iterations: {time.monotonic() - t0:.1f} s")
+    check_loss_graph(comfy_server, entry, steps=SMALL["iterations"])
 
     previews = comfy_server.output_files(entry, kinds=("images",))
     sizes = sorted(Image.open(p).size for p in previews)
@@ -250,3 +253,28 @@ def test_sizes_the_machine_cannot_hold_are_refused_in_validation(comfy_server, z
         comfy_server.queue(_nerf_prompt(zero123_checkpoint, disc, "fields/never_sized", **widgets))
     errors = json.dumps(info.value.node_errors.get("3", {}))
     assert limit in errors, info.value.response
+
+
+@pytest.mark.parametrize("azimuths,size", [(", ".join(["0"] * 17), 2048),               # 17 x 2048^2
+                                           (", ".join(["0"] * 1025), 256)])           # 1025 x 256^2
+def test_opacity_masks_past_the_memory_limit_are_refused_in_validation(comfy_server, azimuths, size):
+    """Opacity Mask chunks its rays (one 2048^2 view peaks at ~0.37 GiB), but its outputs keep 28 bytes
+    a pixel and the view list is free text: views x resolution^2 beyond the limit is refused, named."""
+    from mpod_core.fields import RadianceField, save_radiance_field
+    from mpod_core.fields.nerf import NeRFFieldConfig
+    from mpod_core.encoding import HashGridConfig
+    from mpod_core.fields.radiance_field import MAX_OPACITY_PIXELS
+    tiny = RadianceField(NeRFFieldConfig(hash_grid=HashGridConfig(n_levels=2, log2_hashmap_size=8)), backend="torch")
+    save_radiance_field(tiny, comfy_server.input_dir / "tiny_field.safetensors")
+    comfy_server.object_info(refresh=True)
+    prompt = {"1": {"class_type": "MPOD3D_LoadRadianceField",
+                    "inputs": {"field_file": "tiny_field.safetensors", "backend": "auto"}},
+              "2": {"class_type": "MPOD3D_OpacityMask",
+                    "inputs": {"field": ["1", 0], "azimuths": azimuths, "elevations": "0", "distance": 0.0,
+                               "fov": 0.0, "resolution": size, "threshold": 0.5}},
+              "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 1]}}}
+    with pytest.raises(PromptRejected) as info:
+        comfy_server.queue(prompt)
+    errors = json.dumps(info.value.node_errors.get("2", {}))
+    views = len(azimuths.split(","))
+    assert "Opacity Mask" in errors and f"= {views * size * size} exceeds {MAX_OPACITY_PIXELS}" in errors, errors

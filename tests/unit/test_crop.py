@@ -62,7 +62,7 @@ def test_mask_box_and_errors():
     m[1:3, 2:6] = 1
     assert mask_box(m) == (2, 1, 6, 3)
     img, masks = _scene()
-    with pytest.raises(ValueError, match="object 1: its mask is empty"):
+    with pytest.raises(ValueError, match="object_01: its mask is empty"):
         crop_objects(img, torch.stack([masks[0], torch.zeros(100, 160)]))
     with pytest.raises(ValueError, match="no objects"):
         crop_objects(img, masks[:0])
@@ -70,3 +70,67 @@ def test_mask_box_and_errors():
         crop_objects(img, masks[:, :50])
     with pytest.raises(ValueError, match="fill"):
         crop_objects(img, masks, fill=0.0)
+
+
+# --------------------------------------------------------------------------- memory
+
+def _reference_crop(image, mask, square, size, background):
+    """The crop as computed before memory was bounded: the whole square canvas at source resolution."""
+    import math
+    from torch.nn import functional as F
+    h, w, c = image.shape[0], image.shape[1], 4
+    m = mask.clamp(0, 1)
+    rgba = torch.cat([image * m[..., None] + background * (1 - m[..., None]), m[..., None]], -1)
+    x0, y0, x1, y1 = square
+    ix0, iy0, ix1, iy1 = math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1)
+    canvas = torch.empty(c, iy1 - iy0, ix1 - ix0)
+    canvas[:] = torch.tensor((background,) * 3 + (0.0,))[:, None, None]
+    sx0, sy0, sx1, sy1 = max(ix0, 0), max(iy0, 0), min(ix1, w), min(iy1, h)
+    canvas[:, sy0 - iy0:sy1 - iy0, sx0 - ix0:sx1 - ix0] = rgba.permute(2, 0, 1)[:, sy0:sy1, sx0:sx1]
+    src = canvas[None]
+    k = max(1, int((x1 - x0) / size))
+    if k > 1:
+        src = F.avg_pool2d(src, k, ceil_mode=True)
+    hp, wp = src.shape[2:]
+    centres = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    xs = (x0 - ix0 + centres * (x1 - x0)) / k
+    ys = (y0 - iy0 + centres * (y1 - y0)) / k
+    grid = torch.stack(torch.meshgrid(xs / wp * 2 - 1, ys / hp * 2 - 1, indexing="xy"), -1)[None]
+    return F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)[0].permute(1, 2, 0)
+
+
+@pytest.mark.parametrize("size,fill,background", [
+    (64, 0.8, 1.0),    # shrink factor 1 at the corner object, 1 or 2 elsewhere
+    (32, 0.5, 0.3),    # k > 1, squares past two borders, an odd grey
+    (16, 0.1, 0.0),    # k in the tens, squares far past every border, partial last blocks
+    (100, 0.9, 0.7),   # upscaling (k = 1), non-integer square corners
+])
+def test_bounded_crop_equals_the_whole_canvas_crop(size, fill, background):
+    g = torch.Generator().manual_seed(size)
+    img = torch.rand(97, 151, 3, generator=g)
+    masks = torch.zeros(3, 97, 151)
+    masks[0, 10:31, 20:61] = torch.rand(21, 41, generator=g) * 1.4 - 0.2  # soft, out-of-range values clamp
+    masks[1, 60:97, 129:151] = 1                                          # touches the right and bottom borders
+    masks[2, 0:5, 0:90] = 1                                               # wide, at the top-left corner
+    crops, cmasks, boxes = crop_objects(img, masks, size=size, fill=fill, background=background)
+    for k in range(3):
+        ref = _reference_crop(img, masks[k], boxes[k].crop_box, size, background)
+        torch.testing.assert_close(crops[k], ref[..., :3], atol=1e-6, rtol=0)
+        torch.testing.assert_close(cmasks[k], ref[..., 3], atol=1e-6, rtol=0)
+
+
+def test_smallest_fill_at_the_largest_size_stays_within_memory():
+    """Crop Objects' extreme widgets (size 2048, fill 0.1) on a 1000 px object: the square is 10,000 px a
+    side, a 1.6 GB canvas at source resolution before this was bounded; now <= 512 MiB above the inputs
+    (the 2048^2 outputs, sampling grid and pooled canvas alone are about 200 MiB)."""
+    from harness.memory import peak_rss_growth
+    img = torch.rand(1000, 1000, 3, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(1, 1000, 1000)
+    mask[0, 2:998, 300:700] = 1
+    (crops, cmasks, boxes), growth = peak_rss_growth(lambda: crop_objects(img, mask, size=2048, fill=0.1))
+    assert crops.shape == (1, 2048, 2048, 3)
+    assert boxes[0].crop_box[2] - boxes[0].crop_box[0] == pytest.approx(9960.0)
+    # the object covers 0.1 of the side, centred: 204.8 px tall in the crop
+    x0, x1, y0, y1 = _extent(cmasks[0])
+    assert abs((y1 - y0) - 204.8) <= 2 and abs((y0 + y1) / 2 - 1024) <= 1
+    assert growth <= 512 * 2 ** 20, f"peak {growth / 2 ** 20:.0f} MiB"

@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 
+from mpod_core import lazy_cuda
 from mpod_core.encoding import HashGridConfig, HashGridEncoding, hash_grid_encode, level_layout, spatial_hash
 
 TCNN = importlib.import_module("mpod_core.encoding.tcnn_backend")
@@ -218,7 +219,7 @@ def test_input_and_config_checks():
 def test_tcnn_backend_missing_raises_with_hint_and_auto_warns_once(monkeypatch):
     with pytest.raises(ImportError, match="tiny-cuda-nn"):
         HashGridEncoding(TINY, backend="tcnn")
-    monkeypatch.setattr(TCNN, "_WARNED", [])
+    monkeypatch.setattr(lazy_cuda, "_WARNED", set())
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         a = HashGridEncoding(TINY, backend="auto")

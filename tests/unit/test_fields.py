@@ -235,3 +235,32 @@ def test_older_field_file_loads_with_default_pruning_and_rescaled_grid(tmp_path)
     assert (g.alpha_threshold, g.early_stop_eps) == (0.01, 1e-4)
     torch.testing.assert_close(g.grid.density, f.grid.density)
     assert torch.equal(g.grid.mask, f.grid.mask)
+
+
+def test_copy_is_independent_trainable_and_renders_the_same():
+    src = _perturbed(3)
+    src.meta["training"] = {"seed": 3}
+    src.grid.threshold = 0.02
+    src.update_grid(0)
+    src.optimizer_state = {n: {"exp_avg": torch.full_like(p, 0.125), "exp_avg_sq": torch.full_like(p, 0.25),
+                               "step": torch.tensor(4.0)} for n, p in src.field.named_parameters()}
+    with torch.inference_mode():  # ComfyUI hands nodes inference tensors
+        frozen = src.copy(backend="torch")
+    copy = frozen.copy(backend="torch")
+    cams = orbit_cameras([10.0], [30.0])
+    with torch.no_grad():
+        a, b = src.render(cams, 16, 16)["color"], copy.render(cams, 16, 16)["color"]
+    assert torch.equal(a, b)
+    assert copy.grid.threshold == 0.02 and torch.equal(copy.grid.mask, src.grid.mask)
+    assert copy.meta == src.meta and copy.meta is not src.meta
+    assert {n: {k: v.reshape(-1)[0].item() for k, v in m.items()} for n, m in copy.optimizer_state.items()} == \
+        {n: {"exp_avg": 0.125, "exp_avg_sq": 0.25, "step": 4.0} for n, _ in src.field.named_parameters()}
+    loss = copy.render(cams, 8, 8)["color"].sum()  # autograd accepts the copy (no inference tensors)
+    loss.backward()
+    with torch.no_grad():
+        for p in copy.field.parameters():
+            p.add_(1.0)
+        copy.meta["training"]["seed"] = 9
+    with torch.no_grad():
+        assert torch.equal(src.render(cams, 16, 16)["color"], a)  # the source is untouched
+    assert src.meta["training"]["seed"] == 3

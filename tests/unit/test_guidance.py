@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from mpod_core.configdoc import field_docs
-from mpod_core.guidance import (WEIGHTINGS, Denoiser, OracleDenoiser, SDSConfig, ViewCondition,
-                                scaled_linear_alphas_cumprod, sds_image_loss, sds_loss,
-                                timestep_bounds)
+from mpod_core.guidance import (WEIGHTINGS, Denoiser, NonFiniteGuard, NonFiniteGuidanceError, OracleDenoiser,
+                                SDSConfig, ViewCondition, scaled_linear_alphas_cumprod, sds_image_loss,
+                                sds_loss, timestep_bounds)
 
 F64 = torch.float64
 
@@ -238,6 +238,47 @@ def test_nan_guard_zeroes_non_finite_gradient_entries():
     out.loss.backward()
     assert torch.isfinite(x.grad).all()
     np.testing.assert_allclose(x.grad[0, 0].numpy(), expected, rtol=1e-6, atol=1e-12)
+
+
+def test_guard_raises_on_a_mostly_non_finite_step_naming_the_causes_and_the_step():
+    """3 of 4 entries bad (75% > 50%): the guarded call raises before returning; unguarded it is zeroed."""
+    x, noise, _ = _tiny()
+    guard = NonFiniteGuard()
+    with pytest.raises(NonFiniteGuidanceError, match=r"at step 7: 75% .*3 of 4 entries.*\(timesteps \[500\]\)") as e:
+        sds_loss(x, _BadDenoiser(), _fixed_t(500), step=7, noise=noise, guard=guard)
+    for cause in ("MODEL", "text encoder", "CLIP vision", "VAE"):
+        assert cause in str(e.value)
+    assert isinstance(e.value, FloatingPointError)  # callers that catch diverging losses see it too
+    assert sds_loss(x, _BadDenoiser(), _fixed_t(500), noise=noise).nonfinite == 3
+
+
+def test_guard_counts_steps_in_a_row_and_forgets_after_a_clean_step():
+    guard = NonFiniteGuard(max_consecutive=3)
+    t = torch.tensor([10])
+    for step in range(2):
+        guard.update(1, 100, step, t)  # 1% bad: tolerated
+    guard.update(0, 100, 2, t)          # a clean step resets the count
+    guard.update(1, 100, 3, t)
+    guard.update(2, 100, 4, t)
+    with pytest.raises(NonFiniteGuidanceError, match=r"at step 5: .* 3 steps in a row \(steps 3-5, up to 2.0% of the entries\)"):
+        guard.update(1, 100, 5, t)
+    guard = NonFiniteGuard()
+    guard.update(50, 100, 0, t)  # exactly half: not "most"
+    with pytest.raises(NonFiniteGuidanceError, match="51%"):
+        NonFiniteGuard().update(51, 100, 0, t)
+
+
+def test_guard_names_the_vae_when_the_latents_are_not_finite():
+    class NaNEncoder(_BadDenoiser):
+        def encode(self, images):
+            return images * float("nan")
+
+    with pytest.raises(NonFiniteGuidanceError, match="latents .* VAE") as e:
+        sds_image_loss(torch.rand(1, 1, 2, 2), NaNEncoder(), _fixed_t(500), guard=NonFiniteGuard())
+    assert "noise predictions" not in str(e.value)
+    with pytest.raises(NonFiniteGuidanceError, match="images given to the guidance .* diverged"):
+        sds_image_loss(torch.full((1, 1, 2, 2), float("nan")), _BadDenoiser(), _fixed_t(500), step=3,
+                       guard=NonFiniteGuard())
 
 
 def test_grad_clip_clamps_elementwise():

@@ -98,7 +98,7 @@ def test_the_pixel_term_is_what_fixes_the_scales():
     scene = make_scene(3, seed=1, resolution=64)
     t0, s0 = perturb(scene, seed=2, no_overlap=True)
     res = align_layout(scene.objects, t0, s0, scene.camera, scene.image, scene.mask,
-                       LayoutConfig(iterations=300, pixel_l2=0.0, ot=OTLossConfig(beta=0.0)))
+                       LayoutConfig(iterations=300, pixel_weight=0.0, ot=OTLossConfig(beta=0.0)))
     assert (res.scales / scene.scales - 1).abs().amax() > 0.1
 
 
@@ -122,7 +122,7 @@ def test_initial_placement_puts_each_object_on_its_mask_box():
 @pytest.mark.parametrize("change, message", [
     (dict(iterations=0), "iterations"), (dict(learning_rate=0.0), "learning_rate"),
     (dict(optimise_translation=False, optimise_scale=False), "nothing to optimise"),
-    (dict(loss="l1"), "loss must be"), (dict(pixel_l2=-1.0), "pixel_l2"),
+    (dict(loss="l1"), "loss must be"), (dict(pixel_weight=-1.0), "pixel_weight"),
 ])
 def test_bad_settings_are_refused(change, message):
     with pytest.raises(ValueError, match=message):
@@ -164,14 +164,39 @@ def test_semantic_loss_enters_by_eq9_and_only_every_nth_step():
     l2 = align_layout(scene.objects, t0, s0, scene.camera, scene.image, scene.mask,
                       LayoutConfig(iterations=10, loss="l2"))
     sem = align_layout(scene.objects, t0, s0, scene.camera, scene.image, scene.mask,
-                       LayoutConfig(iterations=10, loss="ot", pixel_l2=0.0, lambda_appearance=0.0),
+                       LayoutConfig(iterations=10, loss="ot", pixel_weight=0.0, lambda_appearance=0.0),
                        semantic_loss=semantic)
     assert torch.allclose(sem.translations, l2.translations, atol=1e-6)
-    assert calls == [(1, 32, 32, 3)] * 10 and len(sem.history["semantic"]) == 10
+    assert calls == [(1, 32, 32, 3)] * 10 and len(sem.loss_map["semantic"]) == 10
     calls.clear()
     align_layout(scene.objects, t0, s0, scene.camera, scene.image, scene.mask,
                  LayoutConfig(iterations=10, semantic_every=3), semantic_loss=semantic)
     assert len(calls) == 4
+
+
+def test_loss_map_terms_add_up_to_the_total_at_every_iteration():
+    """LOSS_MAP: one entry per iteration under "loss", and each term unweighted, 0 where it was not
+    part of the loss: the pixel term from pixel_start, the semantic one every semantic_every steps."""
+    scene = make_scene(2, seed=1, resolution=32)
+    t0, s0 = perturb(scene, seed=2)
+
+    def semantic(render):
+        return render.mean() + 0.1
+
+    config = LayoutConfig(iterations=8, pixel_weight=2.0, pixel_start=0.5, lambda_appearance=0.3, semantic_every=3)
+    lm = align_layout(scene.objects, t0, s0, scene.camera, scene.image, scene.mask, config,
+                      semantic_loss=semantic).loss_map
+    assert set(lm) == {"loss", "ot", "pixel", "semantic"}
+    assert all(len(v) == 8 for v in lm.values()) and torch.isfinite(torch.tensor(lm["loss"])).all()
+    assert [v > 0 for v in lm["pixel"]] == [i >= 4 for i in range(8)]
+    assert [v > 0 for v in lm["semantic"]] == [i % 3 == 0 for i in range(8)]
+    assert all(v > 0 for v in lm["ot"])
+    t = {k: torch.tensor(v, dtype=torch.float64) for k, v in lm.items()}
+    torch.testing.assert_close(0.3 * (t["ot"] + 2.0 * t["pixel"]) + 0.7 * t["semantic"], t["loss"],
+                               rtol=1e-5, atol=1e-7)
+    l2 = align_layout(scene.objects, t0, s0, scene.camera, scene.image, scene.mask,
+                      LayoutConfig(iterations=3, loss="l2")).loss_map
+    assert set(l2) == {"loss", "pixel"} and l2["loss"] == l2["pixel"] and len(set(l2["loss"])) == 3
 
 
 @pytest.mark.parametrize("factor", [0.7, 1.4])
@@ -180,7 +205,7 @@ def test_layout_loss_scale_gradient_points_to_the_true_size(factor):
     gradient of a mis-sized object restores its size, and translation gradients stay finite."""
     from mpod_core.layout.align import appearance_loss
     scene = make_scene(2, seed=1, resolution=64)
-    config = LayoutConfig(iterations=2, pixel_l2_start=0.0, ot=OTLossConfig(beta=0.0))
+    config = LayoutConfig(iterations=2, pixel_start=0.0, ot=OTLossConfig(beta=0.0))
     fg = scene.mask > 0.5
     reference = torch.where(fg[..., None], scene.image, torch.ones_like(scene.image))
     ot = OTAppearanceLoss(reference_points(scene.image, scene.mask), fg, config.ot, use_depth=False)

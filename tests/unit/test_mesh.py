@@ -169,7 +169,7 @@ def test_compose_scene_names_copies_and_errors():
         meshlib.compose_scene([box, box, box], "a, b")
     with pytest.raises(meshlib.MeshError, match="no meshes"):
         meshlib.compose_scene([])
-    with pytest.raises(meshlib.MeshError, match=r"mesh 2 \('object_01'\).*empty"):
+    with pytest.raises(meshlib.MeshError, match=r"compose_scene: object_01.*empty"):
         meshlib.compose_scene([box, trimesh.Trimesh(np.zeros((3, 3)), np.zeros((0, 3), dtype=np.int64))])
 
 

@@ -63,7 +63,7 @@ def test_placement_matrix_matches_the_scene_formula():
 
 @pytest.mark.parametrize("case, message", [
     ("no_objects", "no objects"), ("count", "got 2 masks and 3 meshes"), ("size", "the masks are"),
-    ("empty", "object 2: its mask is empty"), ("faces", "has no faces"), ("depth", "same aspect ratio"),
+    ("empty", "object_01: its mask is empty"), ("faces", "has no faces"), ("depth", "same aspect ratio"),
 ])
 def test_bad_inputs_are_named(case, message):
     scene, image, masks = _flat_scene(resolution=48)

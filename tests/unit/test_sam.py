@@ -37,7 +37,7 @@ def test_parse_reads_crop_objects_json():
     _, _, crop_boxes = crop_objects(img, masks, size=32)
     text = json.dumps([b.to_dict() for b in crop_boxes])
     torch.testing.assert_close(parse_boxes(text, W, H), torch.tensor([[20.0, 10, 60, 30], [250, 150, 300, 200]]))
-    with pytest.raises(ValueError, match=r"box 0: it was made for a 300x200 image, this image is 150x100"):
+    with pytest.raises(ValueError, match=r"object_00: box: it was made for a 300x200 image, this image is 150x100"):
         parse_boxes(text, 150, 100)
 
 
@@ -53,16 +53,16 @@ def test_parse_clips_boxes_partly_outside():
     ("[[1, 2, 3, 4]", r"malformed JSON \(.* at line 1 column"),
     ("{'a': 1}", r"malformed JSON"),
     ('"box"', r"expected a JSON list of boxes, got str"),
-    ("[[1, 2, 3]]", r"box 0: expected 4 numbers \[x0, y0, x1, y1\], got \[1, 2, 3\]"),
-    ("[[1, 2, 3, 4], [1, 2, 3, 4, 5]]", r"box 1: expected 4 numbers"),
-    ('[[1, 2, "a", 4]]', r"box 0: expected 4 numbers"),
-    ("[[1, 2, true, 4]]", r"box 0: expected 4 numbers"),
-    ("[[50, 10, 50, 20]]", r"box 0 \[50, 10, 50, 20\]: needs x1 > x0 and y1 > y0"),
-    ("[[1, 2, 3, 4], [10, 30, 20, 5]]", r"box 1 \[10, 30, 20, 5\]: needs x1 > x0 and y1 > y0"),
-    ("[[1, 2, 3, 4], [400, 10, 500, 50]]", r"box 1 \[400, 10, 500, 50\] is entirely outside the 300x200 image"),
-    ("[[10, -50, 20, 0]]", r"box 0 \[10, -50, 20, 0\] is entirely outside the 300x200 image"),
-    ('[{"crop_box": [1, 2, 3, 4]}]', r"box 0: a dict needs an 'object_box' or 'box' key"),
-    ('[{"box": [1, 2, 3, 4], "image_size": 7}]', r"box 0: image_size must be \[width, height\]"),
+    ("[[1, 2, 3]]", r"object_00: box: expected 4 numbers \[x0, y0, x1, y1\], got \[1, 2, 3\]"),
+    ("[[1, 2, 3, 4], [1, 2, 3, 4, 5]]", r"object_01: box: expected 4 numbers"),
+    ('[[1, 2, "a", 4]]', r"object_00: box: expected 4 numbers"),
+    ("[[1, 2, true, 4]]", r"object_00: box: expected 4 numbers"),
+    ("[[50, 10, 50, 20]]", r"object_00: box \[50, 10, 50, 20\]: needs x1 > x0 and y1 > y0"),
+    ("[[1, 2, 3, 4], [10, 30, 20, 5]]", r"object_01: box \[10, 30, 20, 5\]: needs x1 > x0 and y1 > y0"),
+    ("[[1, 2, 3, 4], [400, 10, 500, 50]]", r"object_01: box \[400, 10, 500, 50\] is entirely outside the 300x200 image"),
+    ("[[10, -50, 20, 0]]", r"object_00: box \[10, -50, 20, 0\] is entirely outside the 300x200 image"),
+    ('[{"crop_box": [1, 2, 3, 4]}]', r"object_00: box: a dict needs an 'object_box' or 'box' key"),
+    ('[{"box": [1, 2, 3, 4], "image_size": 7}]', r"object_00: box: image_size must be \[width, height\]"),
 ])
 def test_parse_errors_name_the_problem(text, message):
     with pytest.raises(ValueError, match=message):
@@ -83,9 +83,9 @@ def test_boxes_from_masks_errors():
     masks[0, 5:9, 5:9] = 1
     masks[2, 5:9, 5:9] = 1
     masks[1, 5:9, 5:9] = 0.4  # below the threshold
-    with pytest.raises(ValueError, match=r"mask 1 is empty"):
+    with pytest.raises(ValueError, match=r"object_01: mask is empty"):
         boxes_from_masks(masks)
-    with pytest.raises(ValueError, match=r"mask 0 is empty"):
+    with pytest.raises(ValueError, match=r"object_00: mask is empty"):
         boxes_from_masks(torch.zeros(H, W))
     with pytest.raises(ValueError, match=r"zero masks"):
         boxes_from_masks(torch.zeros(0, H, W))

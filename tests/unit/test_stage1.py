@@ -15,7 +15,7 @@ import torch
 from mpod_core.cameras import orbit_cameras
 from mpod_core.encoding import HashGridConfig
 from mpod_core.fields import NeRFFieldConfig, RadianceField
-from mpod_core.guidance import OracleDenoiser
+from mpod_core.guidance import NonFiniteGuidanceError, OracleDenoiser
 from mpod_core.guidance.mesh_oracle import MeshViewOracle
 from mpod_core.pipelines.mpod123 import Stage1Config, fit_stage1, prepare_reference, turntable_cameras
 
@@ -124,6 +124,41 @@ def test_seeded_runs_repeat_and_resume_continues_the_count(tmp_path):
     resumed = fit_stage1(image, mask, OracleDenoiser(target=torch.zeros(3, 16, 16)), config, field=a)
     assert resumed.field.meta["steps_done"] == 8
     assert [s for s, _ in next(iter(resumed.history.values()))][0] >= 4
+
+
+def test_loss_map_has_every_iteration_and_its_total_is_the_weighted_sum_of_the_terms():
+    image, mask = _reference(8)
+    config = Stage1Config(iterations=8, resolution=8, guidance_resolution=None, seed=3)
+    result = fit_stage1(image, mask, OracleDenoiser(target=torch.zeros(3, 8, 8)), config, field=_tiny_field())
+    lm = result.loss_map
+    assert set(lm) == {"loss", "rgb", "mask", "sds", "orient", "normal_smooth", "sparsity", "opaque"}
+    assert all(len(v) == 8 and all(isinstance(x, float) for x in v) for v in lm.values())
+    assert torch.isfinite(torch.tensor(lm["loss"])).all()
+    weighted = sum(getattr(config, f"lambda_{k}") * torch.tensor(v, dtype=torch.float64)
+                   for k, v in lm.items() if k != "loss")
+    torch.testing.assert_close(weighted, torch.tensor(lm["loss"], dtype=torch.float64), rtol=1e-5, atol=1e-7)
+    # Each iteration is a reference view (rgb, mask) or novel views (sds, sparsity), never both;
+    # the history of evaluated values is the loss map without its zeros.
+    reference = [v > 0 for v in lm["rgb"]]
+    assert 0 < sum(reference) < 8
+    assert [v > 0 for v in lm["sds"]] == [not r for r in reference]
+    assert [v for _, v in result.history["rgb"]] == [v for v in lm["rgb"] if v > 0]
+    assert [v for _, v in result.history["sds"]] == [v for v in lm["sds"] if v > 0]
+
+
+def test_a_guidance_returning_nan_stops_stage1_at_its_first_novel_view():
+    class NaNGuidance(OracleDenoiser):
+        def predict_noise(self, latents_t, t, guidance_scale, views=None):
+            return torch.full_like(latents_t, float("nan"))
+
+    image, mask = _reference(8)
+    field = _tiny_field()
+    before = [p.detach().clone() for p in field.parameters()]
+    config = Stage1Config(iterations=10, resolution=8, guidance_resolution=None, reference_probability=0.0)
+    with pytest.raises(NonFiniteGuidanceError, match=r"at step 0: 100% .* CLIP vision"):
+        fit_stage1(image, mask, NaNGuidance(target=torch.zeros(3, 8, 8)), config, field=field)
+    assert field.meta.get("steps_done", 0) == 0
+    assert all(torch.equal(p, q) for p, q in zip(field.parameters(), before))  # no update from zeroed NaN
 
 
 def test_interrupt_stops_with_a_consistent_field():
