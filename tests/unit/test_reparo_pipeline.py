@@ -109,7 +109,7 @@ def test_a_depth_map_of_another_resolution_is_resized():
     def first_loss(depth):
         placement = place_objects(meshes, image, masks, config, resolution=48, depth=depth)
         assert torch.isfinite(placement.matrices).all()
-        return placement.result.history["total"][0]
+        return placement.result.loss_map["loss"][0]
 
     at_image_size = first_loss(_depth_ramp(48, 80))
     resized = first_loss(_depth_ramp(24, 40))
