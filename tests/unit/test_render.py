@@ -533,6 +533,7 @@ def test_explicit_nvdiffrast_without_it_raises_import_error_with_hint():
         rasterize(pos, tri, (8, 8), backend="nvdiffrast")
 
 
+@pytest.mark.slow  # seconds: kept out of the developer loop (-m "not slow")
 def test_importing_render_imports_neither_nvdiffrast_nor_comfyui():
     code = ("import sys, mpod_core.render, mpod_core.render.mesh_renderer; "
             "bad = [m for m in ('nvdiffrast', 'comfy', 'folder_paths', 'server') if m in sys.modules]; "

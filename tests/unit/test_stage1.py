@@ -83,6 +83,7 @@ def test_stage1_with_a_multi_view_oracle_recovers_the_silhouettes():
     assert {"rgb", "mask", "sds", "orient", "normal_smooth", "sparsity", "opaque"} <= set(result.history)
 
 
+@pytest.mark.slow  # seconds: kept out of the developer loop (-m "not slow")
 def test_views_are_75_25_within_range_and_resized_for_the_guidance():
     spy = SpyDenoiser()
     image, mask = _reference()
@@ -101,6 +102,7 @@ def test_views_are_75_25_within_range_and_resized_for_the_guidance():
     assert torch.equal(torch.cat([v.distance for v in spy.views]), torch.full((novel,), 2.5, dtype=torch.float64))
 
 
+@pytest.mark.slow  # seconds: kept out of the developer loop (-m "not slow")
 def test_reference_probability_one_never_calls_the_guidance_and_fits_the_image():
     spy = SpyDenoiser()
     image, mask = _reference(32)
