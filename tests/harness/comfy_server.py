@@ -346,6 +346,18 @@ class ComfyServer:
                                   "node_errors": resp["node_errors"]})
         return resp["prompt_id"]
 
+    def rejection(self, prompt_api: dict, node_id: str) -> str:
+        """Queue a prompt that validation must refuse; returns the errors of node ``node_id`` as JSON text.
+
+        Raises AssertionError when the server accepts the prompt.
+        """
+        try:
+            prompt_id = self.queue(prompt_api)
+        except PromptRejected as rejected:
+            return json.dumps(rejected.node_errors.get(node_id, {}))
+        self.cancel(prompt_id)
+        raise AssertionError(f"the server accepted a prompt it should refuse (node {node_id})")
+
     def cancel(self, prompt_id: str) -> None:
         """Take a prompt off the queue, or interrupt it if it already runs."""
         self.post_json("/queue", {"delete": [prompt_id]})
