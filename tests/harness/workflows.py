@@ -53,7 +53,10 @@ def stage_input_files(server, workflow: dict) -> list[tuple[str, str]]:
         if (server.input_dir / name).exists():
             continue
         rel = Path(name)
-        source = next((d / rel for d in INPUT_SEARCH_DIRS if (d / rel).is_file()), None)
+        # The shipped file by its path under the input folder, else by its name (workflows/inputs/example.glb
+        # is what setup.sh copies to input/3d/example.glb).
+        candidates = [d / rel for d in INPUT_SEARCH_DIRS] + [d / rel.name for d in INPUT_SEARCH_DIRS]
+        source = next((c for c in candidates if c.is_file()), None)
         tmp = server.base_dir / "staging" / rel
         tmp.parent.mkdir(parents=True, exist_ok=True)
         if source is not None:
