@@ -80,6 +80,9 @@ def field_spec(cls: type, name: str) -> FieldSpec:
     hint = typing.get_type_hints(cls)[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     kind = args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+    literal = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+    if literal and all(isinstance(v, str) for v in literal):
+        kind = str  # a Literal of strings is a choice: its values are the options
     if kind not in (int, float, bool, str):
         raise TypeError(f"{cls.__name__}.{name}: a {hint} field has no widget; declare that input by hand")
     if f.default is not dataclasses.MISSING:
@@ -89,6 +92,8 @@ def field_spec(cls: type, name: str) -> FieldSpec:
     else:
         raise TypeError(f"{cls.__name__}.{name} has no default")
     lim = dict(f.metadata.get("limits", {}))
+    if literal and "options" not in lim:
+        lim["options"] = tuple(literal)
     return FieldSpec(name=name, kind=kind, default=default, doc=field_docs(cls).get(name, ""),
                      min=lim.get("min"), max=lim.get("max"), step=lim.get("step"), options=lim.get("options"))
 

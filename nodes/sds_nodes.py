@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..mpod_core.guidance import WEIGHTINGS, SDSConfig, ViewCondition
+from ..mpod_core.guidance import SDSConfig, ViewCondition
 from ..mpod_core.pipelines.sds_fit import SDSFitConfig, check_image_size, sds_fit
 from . import comfy_bridge as bridge
-from .schema import check_image, loss_map_output, node_schema, seed_input
+from .schema import check_image, config_input, loss_map_output, node_schema
 from .comfy_bridge.diffusion import ComfyTextDenoiser, ComfyZero123Denoiser
 
 NODE_ID = "MPOD3D_SDSImageFit"
@@ -36,25 +36,14 @@ class SDSImageFit(io.ComfyNode):
                                     tooltip="Zero123 mode: CLIP_VISION from Image Only Checkpoint Loader."),
                 io.Image.Input("reference_image", optional=True,
                                tooltip="Zero123 mode: the reference (input) view of the object."),
-                io.Int.Input("steps", default=100, min=1, max=100000, tooltip="Optimisation steps."),
-                io.Float.Input("learning_rate", default=0.01, min=1e-5, max=1.0, step=0.001,
-                               tooltip="Adam learning rate on pixel values."),
-                io.Float.Input("guidance_scale", default=7.5, min=0.0, max=1000.0, step=0.1,
-                               tooltip="Classifier-free guidance s in eps_u + s (eps_c - eps_u). SDS with "
-                                       "Stable Diffusion usually wants ~100; Zero123 3-5."),
-                io.Float.Input("min_step", default=0.02, min=0.0, max=1.0, step=0.01,
-                               tooltip="Lowest timestep sampled, as a fraction of the schedule."),
-                io.Float.Input("max_step", default=0.98, min=0.0, max=1.0, step=0.01,
-                               tooltip="Highest timestep sampled, as a fraction of the schedule."),
-                io.Combo.Input("weighting", options=list(WEIGHTINGS), default="sds",
-                               tooltip="w(t): sds = 1 - alpha_bar (DreamFusion), uniform = 1, "
-                                       "fantasia = sqrt(alpha_bar) (1 - alpha_bar)."),
+                *(config_input(SDSFitConfig, name) for name in ("steps", "learning_rate")),
+                *(config_input(SDSConfig, name) for name in ("guidance_scale", "min_step", "max_step", "weighting")),
                 io.Float.Input("elevation", default=0.0, min=-90.0, max=90.0, step=0.5,
                                tooltip="Zero123 mode: target view elevation relative to the reference, degrees."),
                 io.Float.Input("azimuth", default=0.0, min=-180.0, max=180.0, step=0.5,
                                tooltip="Zero123 mode: target view azimuth relative to the reference, degrees "
                                        "(counter-clockwise seen from above)."),
-                seed_input("Seed of the timesteps and noise drawn at each step."),
+                config_input(SDSFitConfig, "seed"),
             ],
             outputs=[io.Image.Output("fitted_image", display_name="image", tooltip="The optimised image."),
                      loss_map_output()],

@@ -33,11 +33,12 @@ reproduces a step exactly.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional, Tuple, get_args
 
 import torch
 
+from ..configdoc import limits
 from .protocol import Denoiser, NoiseBaseline, ViewCondition
 
 Weighting = Literal["sds", "uniform", "fantasia"]
@@ -55,16 +56,16 @@ MAX_GUIDANCE_PIXELS = 4 * 256 * 256
 class SDSConfig:
     """Settings of score distillation (threestudio's defaults for SD guidance)."""
 
-    guidance_scale: float = 100.0
+    guidance_scale: float = field(default=100.0, metadata=limits(0.1, 1000.0, 0.1))
     """Classifier-free guidance scale s in ``eps_u + s * (eps_c - eps_u)``; > 0.
-    SDS with Stable Diffusion needs large values (100); Zero123 uses 3-5."""
+    SDS with Stable Diffusion needs large values (DreamFusion / threestudio: 100); Zero123 uses 3-5."""
 
-    min_step: float = 0.02
-    """Lowest timestep as a fraction of the T training timesteps, in [0, 1]."""
+    min_step: float = field(default=0.02, metadata=limits(0.0, 1.0, 0.01))
+    """Lowest timestep as a fraction of the T training timesteps, in [0, 1] (threestudio: 0.02)."""
 
-    max_step: float = 0.98
+    max_step: float = field(default=0.98, metadata=limits(0.0, 1.0, 0.01))
     """Highest timestep as a fraction of T, in [min_step, 1]; equal to
-    ``min_step`` fixes a single timestep."""
+    ``min_step`` fixes a single timestep (threestudio: 0.98)."""
 
     anneal_min_step: Optional[float] = None
     """``min_step`` at the end of annealing (None: no annealing of the lower end)."""
@@ -83,7 +84,8 @@ class SDSConfig:
     schedules; stable-zero123.yaml starts at step 50 of 600)."""
 
     weighting: Weighting = "sds"
-    """w(t): "sds" = 1 - abar, "uniform" = 1, "fantasia" = sqrt(abar) * (1 - abar)."""
+    """w(t): "sds" = 1 - abar (DreamFusion, threestudio's default), "uniform" = 1,
+    "fantasia" = sqrt(abar) * (1 - abar) (Fantasia3D)."""
 
     grad_clip: Optional[float] = None
     """Clamp every element of the gradient to [-grad_clip, grad_clip] (None: no clamp); > 0."""

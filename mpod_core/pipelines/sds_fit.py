@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import torch
 
+from ..configdoc import limits
 from ..progress import ProgressFn
 from ..guidance.protocol import Denoiser, ViewCondition
 from ..guidance.sds import MAX_GUIDANCE_PIXELS, NonFiniteGuard, SDSConfig, sds_image_loss
@@ -23,10 +24,12 @@ from ..loss_history import LossHistory, LossMap
 class SDSFitConfig:
     """Settings of :func:`sds_fit`."""
 
-    steps: int = 100
-    """Optimisation steps (one SDS evaluation each)."""
-    learning_rate: float = 0.01
-    """Adam learning rate on the pixel values."""
+    steps: int = field(default=100, metadata=limits(1, 100000))
+    """Optimisation steps, one SDS evaluation each (no paper default: the node is for trying guidance
+    settings; 100 shows their effect)."""
+    learning_rate: float = field(default=0.01, metadata=limits(1e-5, 1.0, 0.001))
+    """Adam learning rate on the pixel values in [0, 1] (the pack's choice for pixel-space fitting, not
+    a paper's: 0.01 moves a pixel by up to ~1 over 100 steps)."""
     sds: SDSConfig = field(default_factory=SDSConfig)
     """Score distillation settings (guidance scale, timestep range, weighting, ...)."""
     seed: int = 0

@@ -61,6 +61,13 @@ def test_widget_configs_declare_the_paper_defaults_in_range(cls, name, default, 
     assert s.doc, f"{cls.__name__}.{name} has no docstring naming its source"
 
 
+def test_literal_fields_are_choices_of_their_values():
+    from mpod_core.guidance.sds import WEIGHTINGS, SDSConfig
+    spec = field_spec(SDSConfig, "weighting")
+    assert (spec.kind, spec.options, spec.default) == (str, WEIGHTINGS, "sds")
+    assert "DreamFusion" in spec.doc
+
+
 def test_option_fields_offer_what_validate_accepts():
     assert field_spec(LayoutConfig, "loss").options == LOSSES
     for option in LOSSES:
