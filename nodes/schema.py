@@ -84,11 +84,6 @@ def config_input(cls: type, name: str, tooltip: str = "", **overrides) -> io.Inp
     return io.Float.Input(name, **{**kw, **overrides})
 
 
-def seed_input(tooltip: str, default: int = 0) -> io.Int.Input:
-    """The seed widget every node uses (one range, control after generate)."""
-    return io.Int.Input("seed", default=default, min=0, max=SEED_MAX, control_after_generate=True, tooltip=tooltip)
-
-
 def backend_input(tooltip: str) -> io.Combo.Input:
     """The ``backend`` widget: auto, torch or cuda (the library each node's cuda means is in ``tooltip``)."""
     return io.Combo.Input("backend", options=list(BACKEND_CHOICES), default="auto", tooltip=tooltip)
