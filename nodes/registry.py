@@ -28,6 +28,7 @@ NODE_DISPLAY_NAMES = {
     "MPOD3D_FieldToMesh": "Field to Mesh",
     "MPOD3D_SaveRadianceField": "Save Radiance Field",
     "MPOD3D_LoadRadianceField": "Load Radiance Field",
+    "MPOD3D_MRCAAttentionPatch": "MRCA Attention Patch",
     "MPOD3D_CropObjects": "Crop Objects",
     "MPOD3D_OTLayoutAlign": "OT Layout Align",
     "MPOD3D_LoadSAM": "Load SAM Model",
@@ -41,7 +42,8 @@ NODE_CATEGORIES = {
                                               "MPOD3D_ComposeScene")},
     "MPOD3D_SDSImageFit": GUIDANCE_CATEGORY,
     **{node_id: MPOD123_CATEGORY for node_id in ("MPOD3D_Zero123SDSNeRF", "MPOD3D_OpacityMask", "MPOD3D_FieldToMesh",
-                                                 "MPOD3D_SaveRadianceField", "MPOD3D_LoadRadianceField")},
+                                                 "MPOD3D_SaveRadianceField", "MPOD3D_LoadRadianceField",
+                                                 "MPOD3D_MRCAAttentionPatch")},
     **{node_id: REPARO_CATEGORY for node_id in ("MPOD3D_CropObjects", "MPOD3D_OTLayoutAlign", "MPOD3D_LoadSAM",
                                                 "MPOD3D_SAMSegmentObjects")},
 }

@@ -14,8 +14,8 @@ relative to the reference view) travels in :class:`ViewCondition`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -29,11 +29,24 @@ class ViewCondition:
         elevation: (B,) degrees above the horizon.
         azimuth: (B,) degrees.
         distance: (B,) distance from the origin.
+        extras: per-view inputs of the model's patches, ``{key: (B, ...) tensor}``, one entry per
+            sample in the same order (e.g. the MRCA outline mask of each camera under
+            :data:`mpod_core.guidance.mrca.MASK_OPTION_KEY`). The ComfyUI adapter puts them in the
+            ``transformer_options`` of that noise prediction only, where attention patches read
+            them; adapters without patches ignore them.
     """
 
     elevation: torch.Tensor
     azimuth: torch.Tensor
     distance: torch.Tensor
+    extras: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for key, value in self.extras.items():
+            if not isinstance(value, torch.Tensor) or value.shape[:1] != self.elevation.shape[:1]:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"views.extras[{key!r}]: expected one entry per view "
+                                 f"({self.elevation.shape[0]}), got {shape}")
 
     def __len__(self) -> int:
         return self.elevation.shape[0]
@@ -60,8 +73,9 @@ class Denoiser(Protocol):
             t: (B,) int64 timesteps in [0, T).
             guidance_scale: s in ``eps_u + s * (eps_c - eps_u)`` (ComfyUI/diffusers
                 convention; s = 1 is the conditional prediction alone).
-            views: the camera of each sample, for view-conditioned models; text
-                models ignore it.
+            views: the camera of each sample, for view-conditioned models (text
+                models ignore the camera), and its per-view ``extras`` for the
+                model's patches (e.g. the MRCA mask).
 
         Returns:
             (B, C, h, w) predicted noise. Called under ``torch.no_grad()`` by SDS;

@@ -192,6 +192,16 @@ class _ComfyDenoiser:
         self.model.pre_run()
         self._prepared = True
 
+    def _call_options(self, views: Optional[ViewCondition]) -> dict:
+        """The model options of one prediction: the prepared ones, plus the views' per-view extras in
+        a copy of ``transformer_options`` (so they reach attention patches for this call only)."""
+        if views is None or not views.extras:
+            return self._model_options
+        options = dict(self._model_options)
+        options["transformer_options"] = {**self._model_options["transformer_options"],
+                                          **{k: v.to(self.device) for k, v in views.extras.items()}}
+        return options
+
     def close(self) -> None:
         """Release what sampling set up (hooks, current patcher, extra models)."""
         if self._prepared:
@@ -226,7 +236,7 @@ class _ComfyDenoiser:
             conds = comfy.samplers.process_conds(self.inner, x, conds, self.device)
             x0 = comfy.samplers.sampling_function(self.inner, x, sigma, conds.get("negative"),
                                                   conds.get("positive"), float(guidance_scale),
-                                                  model_options=self._model_options, seed=None)
+                                                  model_options=self._call_options(views), seed=None)
             eps = (x - x0.float()) / sigma.reshape(b, 1, 1, 1)
         self.calls += 1
         return eps.to(out_device, torch.float32)
