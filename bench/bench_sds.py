@@ -20,25 +20,12 @@ rest (step - plain - encoder: noise, weighting, loss) show where it goes.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comfy_bench import DEFAULT_COMFYUI, pack_module, random_checkpoints, start_comfyui  # noqa: E402
 from timing import median_time  # noqa: E402
-
-
-def _import_pack(name: str = "comfyui_mpod3d_bench"):
-    """Import the pack as ComfyUI does (a package named after its folder)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return name
 
 
 def _load(sd, kind: str, path: Path):
@@ -54,39 +41,21 @@ def _load(sd, kind: str, path: Path):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--comfyui", default=str(REPO / ".comfyui" / "ComfyUI"))
+    ap.add_argument("--comfyui", default=DEFAULT_COMFYUI)
     ap.add_argument("--cache", default=None, help="folder for the random checkpoints (default: a temp dir)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--sizes", default="sd15:256,zero123:256",
                     help="model:image-size pairs to time")
     args = ap.parse_args(argv)
 
-    sys.path.insert(0, str(REPO / "tests"))
-    from harness.checkpoints import write_sd15_checkpoint, write_stable_zero123_checkpoint
-
-    cache = Path(args.cache) if args.cache else Path(tempfile.mkdtemp(prefix="mpod3d-bench-"))
-    cache.mkdir(parents=True, exist_ok=True)
-    writers = {"sd15": write_sd15_checkpoint, "zero123": write_stable_zero123_checkpoint}
     cases = [(m, int(s)) for m, s in (p.split(":") for p in args.sizes.split(","))]
-    files = {}
-    for kind in sorted({m for m, _ in cases}):
-        path = cache / f"random_{kind}.safetensors"
-        if not path.is_file():
-            t0 = time.perf_counter()
-            writers[kind](path, comfyui=args.comfyui, python=sys.executable)
-            print(f"wrote {path.name} in {time.perf_counter() - t0:.1f} s")
-        files[kind] = path
-
-    sys.argv = [sys.argv[0], "--cpu"]
-    sys.path.insert(0, args.comfyui)
-    import comfy.options
-    comfy.options.enable_args_parsing()
+    files = random_checkpoints([m for m, _ in cases], args.cache, args.comfyui)
+    start_comfyui(args.comfyui)
     import torch
     import comfy.sd
 
-    pack = _import_pack()
-    diffusion = importlib.import_module(f"{pack}.nodes.comfy_bridge.diffusion")
-    guidance = importlib.import_module(f"{pack}.mpod_core.guidance")
+    diffusion = pack_module("nodes.comfy_bridge.diffusion")
+    guidance = pack_module("mpod_core.guidance")
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; median of {args.reps} after a warm-up")
     print(f"{'model':<9}{'image':>7}{'latent':>8}{'plain (ms)':>13}{'encoder (ms)':>15}{'SDS step (ms)':>16}"
