@@ -12,7 +12,6 @@ import time
 
 import pytest
 import torch
-from mpod_core.cameras import orbit_cameras
 from mpod_core.encoding import HashGridConfig
 from mpod_core.fields import NeRFFieldConfig, RadianceField
 from mpod_core.guidance import NonFiniteGuidanceError, OracleDenoiser
