@@ -29,6 +29,7 @@ template of each sample.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional, Protocol, Sequence, Tuple, get_args, runtime_checkable
 
@@ -61,6 +62,8 @@ BACKGROUNDS: Tuple[str, ...] = get_args(Background)
 BACKGROUND_RGB = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "grey": (0.5, 0.5, 0.5)}
 
 PredictionType = Literal["eps", "v"]
+
+log = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -286,6 +289,7 @@ def train_textual_inversion(images: torch.Tensor, model: TextualInversionModel, 
         last = step + 1 == config.steps
         if last or (step + 1) % config.preview_every == 0:
             preview = pixels[0].detach().permute(1, 2, 0).cpu()
+            log.info("textual inversion step %d/%d: loss %.5g", step + 1, config.steps, total)
         if progress is not None:
             progress(step + 1, config.steps, preview if last or (step + 1) % config.preview_every == 0 else None)
     return TextualInversionResult(embedding=embedding.detach().cpu(), loss_map=history.as_loss_map(),
