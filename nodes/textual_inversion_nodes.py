@@ -38,9 +38,9 @@ class TextualInversion(io.ComfyNode):
                         "diffusion loss at uniform timesteps, AdamW on the token). Saves models/embeddings/NAME."
                         "safetensors and outputs the refine prompt 'A high-resolution DSLR image of embedding:NAME' "
                         "for CLIP Text Encode. SD 1.x/2.x only. Defaults are Magic123's (512^2, batch 16, 3000 steps: "
-                        "2-2.5 h on a V100). On a 2-core CPU one image at 512^2 costs ~40 s per step (fwd+bwd, "
-                        "~2.8x a UNet forward; 256^2: ~7 s), so the defaults take weeks there: lower resolution, "
-                        "batch and steps on a CPU.",
+                        "2-2.5 h on a V100). Measured on a 2-core CPU (bench/bench_textual_inversion.py): one image at "
+                        "512^2 costs ~83 s per step (2.9x a UNet forward), ~39 s at 256^2, so a batch-16 step takes "
+                        "~20 min and the defaults weeks: lower resolution, batch and steps on a CPU.",
             inputs=[
                 io.Model.Input("model", tooltip="SD 1.x/2.x MODEL from Load Checkpoint (frozen; not modified)."),
                 io.Clip.Input("clip", tooltip="The same checkpoint's CLIP (frozen; not modified)."),
