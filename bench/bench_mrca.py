@@ -18,12 +18,13 @@ The goal (issue 12) is at most 1.1x the plain call.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comfy_bench import DEFAULT_COMFYUI, pack_module, random_checkpoints, start_comfyui  # noqa: E402
-from timing import median_time  # noqa: E402
 
 PROMPT = "A high-resolution DSLR image of a wooden chair"
 
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
                                                                  output_clip=True)[:3]
         positive = clip.encode_from_tokens_scheduled(clip.tokenize(PROMPT))
     columns = mrca.token_columns(clip, PROMPT, "chair")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; median of {args.reps} after a warm-up")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; median of {args.reps} alternating rounds")
     print(f"{'image':>6}{'latent':>8}{'plain (ms)':>12}{'static (ms)':>13}{'ratio':>7}{'per view (ms)':>15}"
           f"{'ratio':>7}")
     for size in (int(s) for s in args.sizes.split(",")):
@@ -59,18 +60,26 @@ def main(argv=None) -> int:
         x = torch.randn(1, 4, size // 8, size // 8, generator=g)
         t = torch.tensor([500])
 
-        def timed(m, views_fn=lambda: None):
-            with torch.inference_mode(False), diffusion.ComfyTextDenoiser(m, vae, positive) as d:
-                return median_time(lambda: d.predict_noise(x, t, 7.5, views_fn()), args.reps)
-
         def per_view():
             mask = half.clone()  # a new tensor each call, as a refine loop renders one per view
             return protocol.ViewCondition(torch.zeros(1), torch.zeros(1), torch.ones(1),
                                           extras={mrca.MASK_OPTION_KEY: mask})
 
-        plain = timed(model)
-        static = timed(patched)
-        dynamic = timed(patched, per_view)
+        def one_call(m, views_fn):
+            """Seconds of the second of two calls in one sampling context (the first loads and prepares)."""
+            with torch.inference_mode(False), diffusion.ComfyTextDenoiser(m, vae, positive) as d:
+                d.predict_noise(x, t, 7.5, views_fn())
+                t0 = time.perf_counter()
+                d.predict_noise(x, t, 7.5, views_fn())
+                return time.perf_counter() - t0
+
+        # Rounds alternate the three variants, so a change in the machine's load hits them alike.
+        variants = {"plain": (model, lambda: None), "static": (patched, lambda: None), "per view": (patched, per_view)}
+        times = {name: [] for name in variants}
+        for _ in range(args.reps):
+            for name, (m, views_fn) in variants.items():
+                times[name].append(one_call(m, views_fn))
+        plain, static, dynamic = (statistics.median(times[name]) for name in variants)
         print(f"{size:>5}²{size // 8:>7}²{plain * 1e3:>12.0f}{static * 1e3:>13.0f}{static / plain:>7.3f}"
               f"{dynamic * 1e3:>15.0f}{dynamic / plain:>7.3f}")
     return 0

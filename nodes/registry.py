@@ -33,6 +33,7 @@ NODE_DISPLAY_NAMES = {
     "MPOD3D_OTLayoutAlign": "OT Layout Align",
     "MPOD3D_LoadSAM": "Load SAM Model",
     "MPOD3D_SAMSegmentObjects": "SAM Segment Objects",
+    "MPOD3D_TextualInversion": "Textual Inversion",
 }
 
 #: node id -> menu category.
@@ -43,7 +44,7 @@ NODE_CATEGORIES = {
     "MPOD3D_SDSImageFit": GUIDANCE_CATEGORY,
     **{node_id: MPOD123_CATEGORY for node_id in ("MPOD3D_Zero123SDSNeRF", "MPOD3D_OpacityMask", "MPOD3D_FieldToMesh",
                                                  "MPOD3D_SaveRadianceField", "MPOD3D_LoadRadianceField",
-                                                 "MPOD3D_MRCAAttentionPatch")},
+                                                 "MPOD3D_TextualInversion", "MPOD3D_MRCAAttentionPatch")},
     **{node_id: REPARO_CATEGORY for node_id in ("MPOD3D_CropObjects", "MPOD3D_OTLayoutAlign", "MPOD3D_LoadSAM",
                                                 "MPOD3D_SAMSegmentObjects")},
 }

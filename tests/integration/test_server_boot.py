@@ -72,7 +72,7 @@ def test_every_pack_node_documents_itself(comfy_server):
 
 
 #: Fields without a declared range whose widget still comes from the config (choices, seeds).
-CONFIG_ONLY_DEFAULTS = ("weighting",)
+CONFIG_ONLY_DEFAULTS = ("weighting", "background")
 
 #: node id -> the core config classes its widgets are declared from (nodes/schema.py config_input).
 CONFIG_NODES = {
@@ -80,6 +80,7 @@ CONFIG_NODES = {
                              "mpod_core.pipelines.reparo:ReferenceView"),
     "MPOD3D_Zero123SDSNeRF": ("mpod_core.pipelines.mpod123:Stage1Config",),
     "MPOD3D_SDSImageFit": ("mpod_core.pipelines.sds_fit:SDSFitConfig", "mpod_core.guidance.sds:SDSConfig"),
+    "MPOD3D_TextualInversion": ("mpod_core.guidance.textual_inversion:TextualInversionConfig",),
 }
 
 
