@@ -57,9 +57,7 @@ class TextualInversion(io.ComfyNode):
                 io.String.Input("initializer_word", default="object",
                                 tooltip="A single-token word the token starts from: a coarse name of the object "
                                         "('chair', 'dog', 'toy'), as in Magic123's scripts."),
-                *(config_input(TextualInversionConfig, name,
-                               tooltip="Match the background the refine stage renders on (white by default)."
-                               if name == "background" else "") for name in WIDGETS),
+                *(config_input(TextualInversionConfig, name) for name in WIDGETS),
                 io.Boolean.Input("resume", default=False,
                                  tooltip="If models/embeddings/NAME (.safetensors, .pt or .bin, e.g. Magic123's "
                                          "learned_embeds.bin renamed) exists, start from it and train 'steps' more, "

@@ -230,3 +230,49 @@ def test_bad_inputs_are_clear_errors(comfy_server, sd15_checkpoint, tmp_path):
         with pytest.raises(ExecutionError) as info:
             comfy_server.run(_ksampler_prompt(sd15_checkpoint, mask_image, prefix="mrca_never", **inputs))
         assert message in info.value.exception_message, (inputs, info.value)
+
+
+def test_bundled_textual_inversion_mrca_workflow_runs(comfy_server, sd15_checkpoint, tmp_path, load_workflow):
+    """workflows/textual_inversion_mrca.json as users load it, shrunk for the CPU (2 training steps at 64^2,
+    one sampling step): the token is learned and saved, CLIP Text Encode reads it through the prompt link,
+    MRCA confines it to the reference's alpha, KSampler draws, and the loss map has both steps."""
+    from harness.loss_graph import add_loss_graph, check_loss_graph
+    from harness.workflow_convert import ui_to_api
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[16:48, 16:48] = (200, 60, 40, 255)                    # an opaque square on a transparent ground
+    path = tmp_path / "ti_mrca_reference.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    uploaded = comfy_server.upload(path)["name"]
+    api = ui_to_api(load_workflow("textual_inversion_mrca"), comfy_server.object_info())
+    kinds = {node["class_type"]: nid for nid, node in api.items()}
+    assert {"MPOD3D_TextualInversion", "MPOD3D_MRCAAttentionPatch", "KSampler", "InvertMask"} <= set(kinds)
+    ti = api[kinds["MPOD3D_TextualInversion"]]["inputs"]
+    assert (ti["steps"], ti["resolution"], ti["batch_size"]) == (3000, 512, 16)   # the workflow keeps Magic123's
+    name = "mrca_workflow_token"
+    ti.update(steps=2, resolution=64, batch_size=1, embedding_name=name)
+    for node in api.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = sd15_checkpoint
+        elif node["class_type"] == "LoadImage":
+            inputs["image"] = uploaded
+        elif node["class_type"] == "EmptyLatentImage":
+            inputs["width"] = inputs["height"] = 64
+        elif node["class_type"] == "KSampler":
+            inputs["steps"] = 1
+    linked = [n["inputs"]["text"] for n in api.values() if n["class_type"] == "CLIPTextEncode"
+              and isinstance(n["inputs"]["text"], list)]
+    assert linked == [[kinds["MPOD3D_TextualInversion"], 1]]   # the positive prompt is Textual Inversion's
+    assert api[kinds["MPOD3D_MRCAAttentionPatch"]]["inputs"]["prompt"] == [kinds["MPOD3D_TextualInversion"], 1]
+    add_loss_graph(api, kinds["MPOD3D_TextualInversion"], 2)
+    saved = comfy_server.models_dir / "embeddings" / f"{name}.safetensors"
+    try:
+        entry = comfy_server.run(api, timeout=900)
+        assert saved.is_file()
+        check_loss_graph(comfy_server, entry, steps=2)
+        previews = comfy_server.output_files(entry, kinds=("images",))
+        assert len(previews) == 1, previews
+        image = np.asarray(Image.open(previews[0]).convert("RGB"))
+        assert image.shape == (64, 64, 3)
+    finally:
+        saved.unlink(missing_ok=True)
