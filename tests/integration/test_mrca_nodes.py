@@ -238,6 +238,7 @@ def test_bundled_textual_inversion_mrca_workflow_runs(comfy_server, sd15_checkpo
     MRCA confines it to the reference's alpha, KSampler draws, and the loss map has both steps."""
     from harness.loss_graph import add_loss_graph, check_loss_graph
     from harness.workflow_convert import ui_to_api
+    from harness.workflows import set_inputs
     rgba = np.zeros((64, 64, 4), np.uint8)
     rgba[16:48, 16:48] = (200, 60, 40, 255)                    # an opaque square on a transparent ground
     path = tmp_path / "ti_mrca_reference.png"
@@ -250,16 +251,8 @@ def test_bundled_textual_inversion_mrca_workflow_runs(comfy_server, sd15_checkpo
     assert (ti["steps"], ti["resolution"], ti["batch_size"]) == (3000, 512, 16)   # the workflow keeps Magic123's
     name = "mrca_workflow_token"
     ti.update(steps=2, resolution=64, batch_size=1, embedding_name=name)
-    for node in api.values():
-        inputs = node["inputs"]
-        if node["class_type"] == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = sd15_checkpoint
-        elif node["class_type"] == "LoadImage":
-            inputs["image"] = uploaded
-        elif node["class_type"] == "EmptyLatentImage":
-            inputs["width"] = inputs["height"] = 64
-        elif node["class_type"] == "KSampler":
-            inputs["steps"] = 1
+    set_inputs(api, {"CheckpointLoaderSimple": {"ckpt_name": sd15_checkpoint}, "LoadImage": {"image": uploaded},
+                     "EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 1}})
     linked = [n["inputs"]["text"] for n in api.values() if n["class_type"] == "CLIPTextEncode"
               and isinstance(n["inputs"]["text"], list)]
     assert linked == [[kinds["MPOD3D_TextualInversion"], 1]]   # the positive prompt is Textual Inversion's
