@@ -105,6 +105,17 @@ with torch.inference_mode(False):
         with ComfyTextDenoiser(patched, vae, pos, neg) as d:
             results[name] = float((d.predict_noise(x, t, 7.5, views) - eps_plain).abs().max())
     res["extras_eps_change"] = results
+# ---- models MRCA does not support are refused, naming the input
+import comfy.model_base
+refusals = {}
+for name, mtype in {"flow": comfy.model_base.ModelType.FLOW, "edm": comfy.model_base.ModelType.EDM}.items():
+    saved, m.model.model_type = m.model.model_type, mtype
+    try:
+        apply_mrca(m, patch); refusals[name] = None
+    except ValueError as e:
+        refusals[name] = str(e)
+    m.model.model_type = saved
+res["refusals"] = refusals
 print("RESULT " + json.dumps(res))
 '''
 
@@ -159,6 +170,11 @@ def test_one_sampling_call_hits_every_cross_attention_site_at_the_latents_sizes(
     assert res["trace_calls"] == 16                             # each site once (cond and uncond batched)
     assert res["trace_sizes"] == [8, 16, 32, 64]
     assert res["user_model_untouched"]
+
+
+def test_models_other_than_sd1_and_sd2_are_refused(mrca_results):
+    for message in mrca_results["refusals"].values():
+        assert message and message.startswith("model: MRCA supports SD 1.x / 2.x UNets"), message
 
 
 def test_a_per_view_mask_reaches_the_patch_through_the_denoiser(mrca_results):
