@@ -132,8 +132,7 @@ class TetGrid:
         # Vertices: float64 so the last lattice plane lands on hi exactly before the cast.
         t = torch.arange(m, dtype=torch.float64, device=dev) / n
         axes = lo.to(dev)[:, None] + t[None, :] * (hi - lo).to(dev)[:, None]  # (3, n+1)
-        ijk = torch.cartesian_prod(*(torch.arange(m, device=dev),) * 3)  # (V, 3) C order
-        vertices = torch.stack([axes[a][ijk[:, a]] for a in range(3)], -1).to(dtype)
+        vertices = torch.stack(torch.meshgrid(*axes.to(dtype), indexing="ij"), -1).reshape(-1, 3)
 
         # Tet template: lattice offsets of the 4 slots of each of the 6 tets of a cell.
         eye = torch.eye(3, dtype=torch.int64, device=dev)
@@ -143,8 +142,7 @@ class TetGrid:
         odd = torch.tensor(_PERMUTATION_IS_ODD, device=dev)
         offsets[odd] = offsets[odd][:, [0, 1, 3, 2]]  # a swap flips the orientation to det > 0
 
-        cells = torch.cartesian_prod(*(torch.arange(n, device=dev),) * 3)  # (n^3, 3)
-        origin = cells @ lattice_stride  # (n^3,) flat index of each cell's low corner
+        origin = _ranks((n, n, n), lattice_stride, dev)  # (n^3,) flat index of each cell's low corner
         tets = (origin[:, None, None] + offsets @ lattice_stride).reshape(-1, 4)
 
         # Edges, direction by direction: the v with v + d still on the lattice, in C order.
@@ -154,8 +152,7 @@ class TetGrid:
         first = torch.cumsum(counts, 0) - counts  # offset of each direction's block
         edges = []
         for d in range(7):  # 7 directions, each one vectorised block
-            low = torch.cartesian_prod(*(torch.arange(int(s), device=dev) for s in shapes[d]))
-            a = low @ lattice_stride
+            a = _ranks(shapes[d].tolist(), lattice_stride, dev)
             edges.append(torch.stack([a, a + dirs[d] @ lattice_stride], 1))
         edges = torch.cat(edges)
 
@@ -169,11 +166,20 @@ class TetGrid:
         block_stride = torch.stack([shapes[:, 1] * shapes[:, 2], shapes[:, 2], torch.ones_like(shapes[:, 2])], 1)
         stride = block_stride[code]  # (6, 6, 3)
         template = first[code] + (torch.minimum(p, q) * stride).sum(-1)  # (6, 6)
-        cell_rank = cells @ block_stride.T  # (n^3, 7) rank of each cell origin in each block
-        tet_edges = (cell_rank[:, code] + template).reshape(-1, 6)
+        # rank of cell (i, j, k) + template, broadcast over i, j, k: (n, n, n, 36)
+        ar = torch.arange(n, device=dev)[:, None]
+        per_axis = [ar * stride[..., a].reshape(1, 36) for a in range(3)]  # (n, 36) each
+        tet_edges = ((per_axis[0][:, None, None] + per_axis[1][None, :, None])
+                     + (per_axis[2] + template.reshape(1, 36))[None, None]).reshape(-1, 6)
 
         box = tuple(float(x) for x in torch.cat([lo, hi]))
         return cls(vertices=vertices, tets=tets, edges=edges, tet_edges=tet_edges, resolution=n, bbox=box)
+
+
+def _ranks(shape, stride: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """Flat indices ``i s0 + j s1 + k s2`` of the C-order box ``shape`` = (ni, nj, nk): (ni nj nk,) int64."""
+    ranges = [torch.arange(int(size), device=dev) * int(st) for size, st in zip(shape, stride)]
+    return (ranges[0][:, None, None] + ranges[1][None, :, None] + ranges[2][None, None, :]).reshape(-1)
 
 
 def _check_vertices(vertices: torch.Tensor, grid: TetGrid, name: str) -> None:
@@ -212,8 +218,8 @@ def marching_tets(vertices: torch.Tensor, grid: TetGrid, sdf: torch.Tensor) -> T
     Vertices with ``sdf == 0`` count as inside; the surface then passes through
     them and the faces around such a vertex have zero area (as in any marching scheme).
 
-    No Python loop over tets, edges or faces; the temporaries are O(T) bytes plus
-    O(E) int64 for the edge -> output vertex map.
+    No Python loop over tets, edges or faces; the temporaries are 4 bytes a tet,
+    2 bytes and one int64 (the edge -> output vertex map) an edge, and O(crossed tets).
 
     Args:
         vertices: (V, 3) float positions of the grid's vertices (e.g. :func:`deform`'s output).
@@ -232,17 +238,23 @@ def marching_tets(vertices: torch.Tensor, grid: TetGrid, sdf: torch.Tensor) -> T
         got = tuple(sdf.shape) if isinstance(sdf, torch.Tensor) else type(sdf).__name__
         raise ValueError(f"sdf: expected a float tensor of shape ({v},), got {got}")
     dev = vertices.device
-    outside = sdf.detach() > 0
+    outside = (sdf.detach() > 0).to(torch.uint8)
 
-    # Case of every tet as a 4-bit code, kept in uint8 so this pass is 5 bytes a tet.
-    bits = torch.tensor([1, 2, 4, 8], dtype=torch.uint8, device=dev)
-    case = (outside[grid.tets].to(torch.uint8) * bits).sum(1, dtype=torch.uint8)  # (T,)
-    crossed = ((case != 0) & (case != 15)).nonzero().squeeze(1)  # (Tc,)
+    # Which tets the surface crosses: their 4 sign bytes, read as one int32, are
+    # neither all 0 nor all 1 (0x01010101 in either byte order). index_select on the
+    # flat table is ~4x faster than fancy indexing; the pass is 4 bytes a tet.
+    signs = outside.index_select(0, grid.tets.reshape(-1)).view(-1, 4)  # (T, 4)
+    packed = signs.view(torch.int32).squeeze(1)
+    crossed = ((packed != 0) & (packed != 0x01010101)).nonzero().squeeze(1)  # (Tc,)
+    s = signs[crossed].long()
+    case = s[:, 0] | s[:, 1] << 1 | s[:, 2] << 2 | s[:, 3] << 3  # (Tc,) in 1 .. 14
 
-    # One output vertex per sign-changing edge; edge_vertex maps edge -> its rank.
-    changes = outside[grid.edges[:, 0]] != outside[grid.edges[:, 1]]  # (E,)
-    edge_vertex = torch.cumsum(changes, 0) - 1
-    ends = grid.edges[changes]  # (M, 2)
+    # One output vertex per sign-changing edge, numbered in edge order.
+    ends_sign = outside.index_select(0, grid.edges.reshape(-1)).view(-1, 2)
+    changing = (ends_sign[:, 0] != ends_sign[:, 1]).nonzero().squeeze(1)  # (M,)
+    edge_vertex = torch.full((grid.edges.shape[0],), -1, dtype=torch.int64, device=dev)
+    edge_vertex[changing] = torch.arange(changing.shape[0], device=dev)
+    ends = grid.edges[changing]  # (M, 2)
     s_a, s_b = sdf[ends[:, 0]], sdf[ends[:, 1]]
     p_a, p_b = vertices[ends[:, 0]], vertices[ends[:, 1]]
     # = (p_a s_b - p_b s_a) / (s_b - s_a); this form is exactly p_a when s_a == 0.
@@ -250,10 +262,10 @@ def marching_tets(vertices: torch.Tensor, grid: TetGrid, sdf: torch.Tensor) -> T
     weight = (s_a / (s_a - s_b)).unsqueeze(1)
     mesh_vertices = p_a + weight * (p_b - p_a)
 
-    table = torch.tensor(_TRIANGLES, dtype=torch.int64, device=dev)[case[crossed].long()]  # (Tc, 2, 3)
-    local = table.clamp(min=0).reshape(-1, 6)  # padded slots point at edge 0, dropped below
-    faces = edge_vertex[grid.tet_edges[crossed].gather(1, local)].reshape(-1, 2, 3)
-    faces = faces[table[..., 0] >= 0]  # (F, 3), a tet's triangles consecutive
+    table = torch.tensor(_TRIANGLES, dtype=torch.int64, device=dev)[case]  # (Tc, 2, 3)
+    tri_tet, tri_slot = (table[:, :, 0] >= 0).nonzero().unbind(1)  # a tet's triangles consecutive
+    local = table[tri_tet, tri_slot]  # (F, 3) local edges, all sign-changing
+    faces = edge_vertex[grid.tet_edges[crossed[tri_tet]].gather(1, local)]  # (F, 3)
     return mesh_vertices, faces
 
 
