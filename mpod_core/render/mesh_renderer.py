@@ -76,17 +76,20 @@ def face_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
 def render_mesh(vertices: torch.Tensor, faces: torch.Tensor, cameras: Cameras, width: int, height: int,
                 *, vertex_colors: Optional[torch.Tensor] = None, uv: Optional[torch.Tensor] = None,
                 texture: Optional[torch.Tensor] = None,
+                color_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                 background: Union[Sequence[float], torch.Tensor] = (0.0, 0.0, 0.0),
                 antialias: bool = True, backend: str = "auto",
                 chunk_pixels: int = RENDER_CHUNK_PIXELS,
                 progress: Optional[Callable[[int, int, Optional[torch.Tensor]], None]] = None) -> MeshRender:
     """Render a triangle mesh from N cameras.
 
-    Colour is the texture if ``uv`` and ``texture`` are given, else the vertex
-    colours, else a plain light grey shaded by |n . view direction| so the
-    geometry reads. Everything is differentiable w.r.t. ``vertices``,
-    ``vertex_colors`` and ``texture`` (and ``uv``); silhouettes get gradients
-    only with ``antialias=True``.
+    Colour is ``color_fn`` of each covered pixel's surface point if given (a
+    neural texture field), else the texture if ``uv`` and ``texture`` are given,
+    else the vertex colours, else a plain light grey shaded by |n . view
+    direction| so the geometry reads. Everything is differentiable w.r.t.
+    ``vertices``, ``vertex_colors``, ``texture`` (and ``uv``) and what
+    ``color_fn`` computes from; silhouettes get gradients only with
+    ``antialias=True``.
 
     Args:
         vertices: (V, 3) float world positions (glTF frame, see :mod:`mpod_core.cameras`).
@@ -99,6 +102,9 @@ def render_mesh(vertices: torch.Tensor, faces: torch.Tensor, cameras: Cameras, w
             bottom of the image; see :func:`ops.texture_sample`).
         texture: optional (H_t, W_t, 3) or (H_t, W_t, 4) float in [0, 1], row 0 =
             top (alpha ignored). Needs ``uv``.
+        color_fn: optional ``points (P, 3) world positions -> (P, 3) RGB in [0, 1]``,
+            called once per chunk of views with the covered pixels' interpolated
+            surface points only.
         background: RGB in [0, 1], a sequence of 3 floats, a (3,) tensor or an
             (N, 3) tensor (one per view).
         antialias: blend silhouette pixels analytically (gives ``alpha`` and
@@ -151,6 +157,8 @@ def render_mesh(vertices: torch.Tensor, faces: torch.Tensor, cameras: Cameras, w
         raise ValueError(f"chunk_pixels must be >= 1, got {chunk_pixels}")
     if vertex_colors is not None:
         vertex_colors = _check_vertex_array(vertex_colors, "vertex_colors", n_verts, (3, 4))
+    if color_fn is not None and (vertex_colors is not None or texture is not None):
+        raise ValueError("give one colour source: color_fn, or vertex_colors, or uv + texture")
     if (uv is None) != (texture is None):
         raise ValueError("uv and texture must be given together (got only "
                          f"{'uv' if texture is None else 'texture'})")
@@ -170,7 +178,7 @@ def render_mesh(vertices: torch.Tensor, faces: torch.Tensor, cameras: Cameras, w
 
     cams = cameras.to(device=device, dtype=dtype)
     fnormals = face_normals(vertices, faces)
-    args = (vertices, faces, width, height, fnormals, vertex_colors, uv, texture, antialias, backend)
+    args = (vertices, faces, width, height, fnormals, vertex_colors, uv, texture, antialias, backend, color_fn)
     views_per_chunk = max(1, chunk_pixels // (width * height))
     banded = width * height > chunk_pixels and ops.resolve_backend(backend, vertices) == "torch"
     if views_per_chunk >= n_views and not banded:
@@ -205,7 +213,7 @@ def _fields(r: MeshRender) -> Tuple[torch.Tensor, ...]:
 
 
 def _render_views(cams, bg, vertices, faces, width, height, fnormals, vertex_colors, uv, texture,
-                  do_antialias, backend, rows: Optional[Tuple[int, int]] = None) -> MeshRender:
+                  do_antialias, backend, color_fn=None, rows: Optional[Tuple[int, int]] = None) -> MeshRender:
     """Render ``cams`` (n views), or only the image rows ``rows`` = (r0, r1) with the torch backend."""
     clip = world_to_clip(vertices, cams, width, height)  # (n, V, 4)
     if rows is None:
@@ -217,7 +225,14 @@ def _render_views(cams, bg, vertices, faces, width, height, fnormals, vertex_col
     cov = covered.to(vertices.dtype)
     depth = ops.interpolate(clip[..., 3:4], rast, faces, backend=backend)[..., 0]  # clip w = view depth
     normal = fnormals[tid.clamp(min=0)] * cov
-    if texture is not None:
+    if color_fn is not None:
+        points = ops.interpolate(vertices, rast, faces, backend=backend)
+        hit = covered[..., 0]
+        values = color_fn(points[hit]).to(vertices.dtype)
+        if values.shape != (int(hit.sum()), 3):
+            raise ValueError(f"color_fn: expected ({int(hit.sum())}, 3) colours, got {tuple(values.shape)}")
+        base = torch.zeros(points.shape, dtype=vertices.dtype, device=vertices.device).index_put((hit,), values)
+    elif texture is not None:
         uv_img = ops.interpolate(uv, rast, faces, backend=backend)
         base = ops.texture_sample(texture, uv_img, backend=backend)[..., :3].to(vertices.dtype)
     elif vertex_colors is not None:

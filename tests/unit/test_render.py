@@ -687,3 +687,30 @@ def test_a_view_bigger_than_the_pixel_budget_is_rendered_within_it():
     out, growth = peak_rss_growth(lambda: render_mesh(v, f, cams, 1024, 1024, backend="torch", chunk_pixels=2 ** 16))
     assert 0.8 < float((out.alpha > 0).float().mean()) < 0.9  # the sphere fills most of the view
     assert growth <= 112 * 2 ** 20, f"peak {growth / 2 ** 20:.0f} MiB"
+
+
+def test_a_colour_field_renders_like_the_same_linear_colours_given_per_vertex():
+    """A colour linear in position is exactly its barycentric interpolation, so ``color_fn`` (evaluated at
+    each covered pixel's surface point) must equal ``vertex_colors`` of the same function; gradients reach
+    the field's parameters and the vertices, and the field sees covered pixels only."""
+    import trimesh
+    sphere = trimesh.creation.icosphere(subdivisions=2, radius=0.6)
+    v = torch.tensor(sphere.vertices, dtype=torch.float64)
+    f = torch.tensor(sphere.faces, dtype=torch.long)
+    cams = C.orbit_cameras([10.0, -20.0], [30.0, 200.0], 2.5, 40.0).to(dtype=torch.float64)
+    scale = torch.tensor([0.8, 0.5, 0.3], dtype=torch.float64, requires_grad=True)
+    seen = []
+
+    def field(p):
+        seen.append(p.shape[0])
+        return 0.5 + scale * p
+
+    a = render_mesh(v, f, cams, 48, 40, color_fn=field, background=(0.2, 0.3, 0.4), backend="torch")
+    b = render_mesh(v, f, cams, 48, 40, vertex_colors=(0.5 + scale * v).detach(), background=(0.2, 0.3, 0.4),
+                    backend="torch")
+    assert torch.allclose(a.color, b.color, atol=1e-9)
+    assert sum(seen) == int((a.triangle_id >= 0).sum()) > 500
+    a.color.sum().backward()
+    assert scale.grad is not None and torch.all(scale.grad.abs() > 0)
+    with pytest.raises(ValueError, match="one colour source"):
+        render_mesh(v, f, cams, 8, 8, color_fn=field, vertex_colors=v, backend="torch")
