@@ -33,7 +33,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Tuple
+from typing import Callable, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -48,8 +48,8 @@ ColorFn = Callable[[torch.Tensor], torch.Tensor]
 
 #: What :func:`textured_mesh` may produce.
 FALLBACKS = ("texture", "vertex_colors")
-#: Bounds on the texture side (the rasterizer handles at most 32768).
-MIN_SIZE, MAX_SIZE = 16, 8192
+#: Largest texture side (8192^2 RGB float32 is 0.8 GiB; the rasterizer allows 32768).
+MAX_SIZE = 8192
 XATLAS_HINT = ("UV unwrapping needs the 'xatlas' package: pip install xatlas (it is in the pack's "
                "requirements.txt), or use fallback='vertex_colors', which needs no unwrapping")
 
@@ -61,7 +61,7 @@ class TextureBakeConfig:
     fallback: Literal["texture", "vertex_colors"] = field(default="texture", metadata=limits(options=FALLBACKS))
     """'texture': unwrap UVs with xatlas and bake the colours into a size x size image (detail
     finer than the triangles survives); 'vertex_colors': one colour per vertex, no unwrapping."""
-    size: int = field(default=1024, metadata=limits(MIN_SIZE, MAX_SIZE, 16))
+    size: int = field(default=1024, metadata=limits(16, MAX_SIZE, 16))
     """Side of the square texture in texels."""
     padding: int = field(default=4, metadata=limits(0, 64, 1))
     """Texels around each UV chart: xatlas keeps charts this far apart and the bake extends
@@ -89,8 +89,8 @@ def _as_faces(faces, n_vertices: int) -> torch.Tensor:
 
 
 def _check_size(size) -> int:
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not MIN_SIZE <= int(size) <= MAX_SIZE:
-        raise ValueError(f"size: expected an int in [{MIN_SIZE}, {MAX_SIZE}], got {size!r}")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 1 <= int(size) <= MAX_SIZE:
+        raise ValueError(f"size: expected an int in [1, {MAX_SIZE}], got {size!r}")
     return int(size)
 
 
@@ -288,18 +288,22 @@ def sample_texels(vertices, faces, uvs, ids: torch.Tensor, colour_fn: ColorFn, c
     return out.view(height, width, 3)
 
 
-def fill_padding(texture: torch.Tensor, mask: torch.Tensor, padding: int) -> torch.Tensor:
+def fill_padding(texture: torch.Tensor, mask: torch.Tensor, padding: int,
+                 background: Optional[Sequence[float]] = None) -> torch.Tensor:
     """Extend each chart's colours ``padding`` texels into the background.
 
     Each of ``padding`` rounds gives every still-empty texel with a filled 8-neighbour
     the mean of its filled 3x3 neighbours (sum-pool of colour x mask over sum-pool of
     mask), so after the loop every texel within Chebyshev distance ``padding`` of a
-    covered one is filled. Texels farther away get the mean colour of the covered
-    texels: coarse mipmap levels average them into seam texels.
+    covered one is filled.
 
     Args:
-        texture: (H, W, 3) float colours (only those under ``mask`` are read).
+        texture: (H, W, C) float colours (only those under ``mask`` are read).
         mask: (H, W) bool, True where a texel is covered.
+        padding: rounds of growth (texels).
+        background: (C,) colour of the texels still empty after that; default the mean
+            covered colour (coarse mipmap levels average those texels into the seams,
+            where a mean colour shows least).
 
     Returns:
         (H, W, 3) float32 texture; covered texels unchanged.
@@ -317,9 +321,13 @@ def fill_padding(texture: torch.Tensor, mask: torch.Tensor, padding: int) -> tor
         grow = (m == 0) & (den > 0)
         col = torch.where(grow, num / den.clamp(min=1e-12), col)
         m = torch.where(grow, torch.ones_like(m), m)
-    if bool(mask.any()):
-        mean = texture[mask].to(torch.float32).mean(0)
-        col = torch.where(m > 0, col, mean.view(1, -1, 1, 1))
+    if background is not None:
+        fill = torch.as_tensor(background, dtype=torch.float32).reshape(-1)
+    elif bool(mask.any()):
+        fill = texture[mask].to(torch.float32).mean(0)
+    else:
+        fill = torch.zeros(texture.shape[-1])
+    col = torch.where(m > 0, col, fill.view(1, -1, 1, 1))
     return col[0].permute(1, 2, 0).contiguous()
 
 
