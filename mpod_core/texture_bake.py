@@ -313,14 +313,17 @@ def fill_padding(texture: torch.Tensor, mask: torch.Tensor, padding: int,
                          f"{tuple(texture.shape)} and {tuple(mask.shape)}")
     if int(padding) < 0:
         raise ValueError(f"padding must be >= 0, got {padding}")
+    # Colour x mask and the mask as one (1, C + 1, H, W) stack: one pooling call a round.
     m = mask.to(torch.float32)[None, None]
-    col = (texture.to(torch.float32).permute(2, 0, 1)[None] * m)
+    x = torch.cat([texture.to(torch.float32).permute(2, 0, 1)[None] * m, m], 1)
     for _ in range(int(padding)):  # loop over padding rounds only
-        num = F.avg_pool2d(col, 3, stride=1, padding=1)
-        den = F.avg_pool2d(m, 3, stride=1, padding=1)
-        grow = (m == 0) & (den > 0)
-        col = torch.where(grow, num / den.clamp(min=1e-12), col)
-        m = torch.where(grow, torch.ones_like(m), m)
+        sums = F.avg_pool2d(x, 3, stride=1, padding=1)  # the 1/9 cancels in the ratio
+        den = sums[:, -1:]
+        grow = (x[:, -1:] == 0) & (den > 0)
+        sums[:, :-1] /= den.clamp(min=1e-30)
+        sums[:, -1:] = 1.0
+        x = torch.where(grow, sums, x)
+    col, m = x[:, :-1], x[:, -1:]
     if background is not None:
         fill = torch.as_tensor(background, dtype=torch.float32).reshape(-1)
     elif bool(mask.any()):
