@@ -260,6 +260,12 @@ def test_glb_round_trip_through_trimesh_and_save_mesh(textured, tmp_path):
     assert gltf.meshes[0].primitives[0].attributes.TEXCOORD_0 is not None
     loaded = meshlib.load_mesh(path)
     assert isinstance(loaded.visual, trimesh.visual.TextureVisuals) and len(loaded.faces) == len(m.faces)
+    # The Khronos validator (what setup.sh --test installs) finds no error in the file.
+    from harness.gltf import error_messages, validate_gltf, validator_unavailable_reason
+    if validator_unavailable_reason() is None:
+        report = validate_gltf(path)
+        assert report["issues"]["numErrors"] == 0, error_messages(report)
+        assert report["info"]["totalTriangleCount"] == len(m.faces)
 
 
 # ----------------------------------------------------------------------------- chunks, fallback, errors
