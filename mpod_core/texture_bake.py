@@ -42,6 +42,7 @@ import trimesh
 from PIL import Image
 
 from .configdoc import limits
+from .progress import ProgressFn
 from .render.rasterize import coverage_torch
 
 ColorFn = Callable[[torch.Tensor], torch.Tensor]
@@ -245,7 +246,7 @@ def _check_chunk(chunk) -> int:
 
 
 def sample_texels(vertices, faces, uvs, ids: torch.Tensor, colour_fn: ColorFn, chunk: int = 2 ** 18,
-                  device=None) -> torch.Tensor:
+                  device=None, progress: Optional[ProgressFn] = None) -> torch.Tensor:
     """Evaluate ``colour_fn`` at the 3D point of every covered texel centre.
 
     Args:
@@ -253,6 +254,8 @@ def sample_texels(vertices, faces, uvs, ids: torch.Tensor, colour_fn: ColorFn, c
         ids: (H, W) from :func:`rasterize_uv`.
         colour_fn: ``points (N, 3) float32 -> (N, 3)`` RGB in [0, 1], called without
             grad with N <= ``chunk``, points on ``device`` (default CPU).
+        progress: optional ``(done texels, covered texels, None)`` after each chunk; what it
+            raises (ComfyUI's Cancel) propagates.
 
     Returns:
         (H, W, 3) float32 colours, zero where ``ids < 0``.
@@ -285,6 +288,8 @@ def sample_texels(vertices, faces, uvs, ids: torch.Tensor, colour_fn: ColorFn, c
         w = w / w.sum(1, keepdim=True).clamp_(min=1e-300)
         pts = torch.einsum("mk,mkd->md", w, verts[corners]).float()
         out[t] = _eval_colors(colour_fn, pts, device)
+        if progress is not None:
+            progress(int(start + t.shape[0]), int(texels.shape[0]), None)
     return out.view(height, width, 3)
 
 
@@ -335,7 +340,7 @@ def fill_padding(texture: torch.Tensor, mask: torch.Tensor, padding: int,
 
 
 def bake_texture(vertices, faces, uvs, colour_fn: ColorFn, size: int = 1024, padding: int = 4,
-                 chunk: int = 2 ** 18, device=None) -> torch.Tensor:
+                 chunk: int = 2 ** 18, device=None, progress: Optional[ProgressFn] = None) -> torch.Tensor:
     """Bake ``colour_fn`` on the surface into a ``size`` x ``size`` texture.
 
     Args:
@@ -347,19 +352,20 @@ def bake_texture(vertices, faces, uvs, colour_fn: ColorFn, size: int = 1024, pad
         padding: texels to extend each chart by (:func:`fill_padding`).
         chunk: most points per ``colour_fn`` call.
         device: where the points handed to ``colour_fn`` live (default CPU).
+        progress: optional callback per chunk of texels (:func:`sample_texels`).
 
     Returns:
         (size, size, 3) float32 texture, row 0 = the image's top (v = 1).
     """
     ids = rasterize_uv(uvs, faces, size)
-    texture = sample_texels(vertices, faces, uvs, ids, colour_fn, chunk, device)
+    texture = sample_texels(vertices, faces, uvs, ids, colour_fn, chunk, device, progress)
     return fill_padding(texture, ids >= 0, padding)
 
 
 # --------------------------------------------------------------------------- mesh
 def textured_mesh(vertices, faces, colour_fn: ColorFn, size: int = 1024,
                   fallback: Literal["texture", "vertex_colors"] = "texture", padding: int = 4,
-                  chunk: int = 2 ** 18, device=None) -> trimesh.Trimesh:
+                  chunk: int = 2 ** 18, device=None, progress: Optional[ProgressFn] = None) -> trimesh.Trimesh:
     """A mesh coloured by ``colour_fn``: UV-unwrapped with a baked texture, or vertex colours.
 
     Args:
@@ -368,6 +374,9 @@ def textured_mesh(vertices, faces, colour_fn: ColorFn, size: int = 1024,
         size, padding, chunk: see :func:`bake_texture` (:class:`TextureBakeConfig`).
         fallback: "texture" (xatlas + bake) or "vertex_colors" (``colour_fn`` at the
             vertices; no xatlas, no seams).
+        device: where the points handed to ``colour_fn`` live (default CPU).
+        progress: optional callback per chunk of baked texels (not during xatlas, which
+            cannot report or be stopped; it runs in a child process).
 
     Returns:
         ``trimesh.Trimesh`` (``process=False``). "texture": vertices duplicated along
@@ -386,7 +395,7 @@ def textured_mesh(vertices, faces, colour_fn: ColorFn, size: int = 1024,
                                vertex_colors=(rgba * 255).round().to(torch.uint8).numpy())
     size = _check_size(size)
     new_verts, new_faces, uv, _ = unwrap_uv(verts, tri, resolution=size, padding=padding)
-    texture = bake_texture(new_verts, new_faces, uv, colour_fn, size, padding, chunk, device)
+    texture = bake_texture(new_verts, new_faces, uv, colour_fn, size, padding, chunk, device, progress)
     image = Image.fromarray((texture * 255).round().to(torch.uint8).numpy())
     material = trimesh.visual.material.PBRMaterial(baseColorTexture=image, baseColorFactor=[255, 255, 255, 255],
                                                    metallicFactor=0.0, roughnessFactor=1.0)

@@ -279,9 +279,12 @@ def test_colour_fn_never_sees_more_than_chunk_points(unwrapped):
         assert torch.is_tensor(p) and p.shape[1] == 3 and p.dtype == torch.float32 and not torch.is_grad_enabled()
         return linear_colour(p)
 
-    tb.bake_texture(verts, faces, uv, spy, size=128, padding=2, chunk=1000)
+    steps = []
+    tb.bake_texture(verts, faces, uv, spy, size=128, padding=2, chunk=1000,
+                    progress=lambda done, total, preview: steps.append((done, total)))
     covered = int((tb.rasterize_uv(uv, faces, 128) >= 0).sum())
     assert max(calls) <= 1000 and sum(calls) == covered and len(calls) == -(-covered // 1000)
+    assert steps[-1] == (covered, covered) and len(steps) == len(calls)
     calls.clear()
     tb.textured_mesh(verts, faces, spy, fallback="vertex_colors", chunk=700)
     assert max(calls) <= 700 and sum(calls) == verts.shape[0]
@@ -309,6 +312,16 @@ def test_a_crashing_xatlas_is_an_error_not_a_dead_process(monkeypatch):
     m = trimesh.creation.icosphere(1)
     with pytest.raises(RuntimeError, match="signal 11.*vertex_colors"):
         tb.unwrap_uv(m.vertices, m.faces)
+
+
+def test_config_defaults_are_the_functions_defaults():
+    # Nodes build their widgets from TextureBakeConfig; the library's defaults must match it.
+    import inspect
+    cfg = tb.TextureBakeConfig()
+    params = inspect.signature(tb.textured_mesh).parameters
+    for name in ("fallback", "size", "padding", "chunk"):
+        assert params[name].default == getattr(cfg, name), name
+    assert inspect.signature(tb.bake_texture).parameters["padding"].default == cfg.padding
 
 
 def test_input_errors():
