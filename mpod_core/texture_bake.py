@@ -65,8 +65,9 @@ class TextureBakeConfig:
     size: int = field(default=1024, metadata=limits(16, MAX_SIZE, 16))
     """Side of the square texture in texels."""
     padding: int = field(default=4, metadata=limits(0, 64, 1))
-    """Texels around each UV chart: xatlas keeps charts this far apart and the bake extends
-    each chart's colours over them, so filtering at seams never reads the background."""
+    """Texels around each UV chart: xatlas keeps this margin around every chart (at its own texel
+    scale, close to ``size``) and the bake extends each chart's colours over it, so filtering at
+    seams never reads the background."""
     chunk: int = field(default=2 ** 18, metadata=limits(1024, 2 ** 24, 1024))
     """Most points per ``colour_fn`` call (bounds the field's peak memory)."""
 
