@@ -114,8 +114,9 @@ def _held_out_iou(oracle, vertices, faces, res):
 @pytest.mark.parametrize("variant", ["refine", "no_outline_no_guidance"])
 def test_refine_moves_a_ball_onto_the_oracle_mesh(variant):
     """From a ball (the stage-1 stand-in), the oracle's SDS and the outline loss must bring the held-out
-    silhouettes onto the asymmetric mesh's: IoU from ~0.64 mean (min 0.54) to above 0.8 (min 0.7). The
-    control, with neither the outline loss nor the guidance (reference view only), must stay below that."""
+    silhouettes onto the asymmetric mesh's: IoU from 0.65 mean (min 0.54) to above 0.8 (min 0.7); measured
+    0.89 (min 0.81) in 12 s. The control, with neither the outline loss nor the guidance (reference view
+    only), must stay below that: measured 0.72 (min 0.61)."""
     res = REFINE_RES
     oracle = MeshViewOracle(res)
     image, mask = oracle.reference(res)
