@@ -37,6 +37,7 @@ from ..guidance.mrca import MASK_OPTION_KEY
 from ..guidance.protocol import Denoiser
 from ..guidance.sds import NonFiniteGuard, sds_image_loss
 from ..loss_history import LossHistory, LossMap
+from ..optim_state import current_moments, restore_moments
 from ..progress import ProgressFn
 from ..render import render_mesh
 
@@ -247,22 +248,8 @@ def _optimizer(state: RefineState, config: RefineConfig) -> torch.optim.Adam:
     named = state.parameters()
     optimiser = torch.optim.Adam([{"params": [p], "name": n} for n, p in named.items()], lr=config.learning_rate,
                                  betas=(0.9, 0.99), eps=1e-15)
-    for name, p in named.items():
-        saved = state.optimizer_state.get(name)
-        if saved is not None and saved["exp_avg"].numel() == p.numel():
-            optimiser.state[p] = {"step": saved["step"].detach().float().reshape(()).cpu().clone(),
-                                  "exp_avg": saved["exp_avg"].detach().to(p).reshape(p.shape).clone(),
-                                  "exp_avg_sq": saved["exp_avg_sq"].detach().to(p).reshape(p.shape).clone()}
+    restore_moments(optimiser, named, state.optimizer_state)
     return optimiser
-
-
-def _moments(state: RefineState, optimiser: torch.optim.Optimizer) -> Dict[str, Dict[str, torch.Tensor]]:
-    out = {}
-    for name, p in state.parameters().items():
-        st = optimiser.state.get(p)
-        if st and "exp_avg" in st:
-            out[name] = {k: torch.as_tensor(st[k]).detach().cpu().clone() for k in ("exp_avg", "exp_avg_sq", "step")}
-    return out
 
 
 def fit_refine(state: RefineState, stage1: RadianceField, image: torch.Tensor, mask: torch.Tensor,
@@ -357,7 +344,7 @@ def fit_refine(state: RefineState, stage1: RadianceField, image: torch.Tensor, m
                 show = last or (i + 1) % config.preview_every == 0
                 progress(i + 1, config.iterations, out.color[0].detach().clamp(0, 1) if show else None)
     finally:
-        state.optimizer_state = _moments(state, optimiser)
+        state.optimizer_state = current_moments(optimiser, state.parameters())
     with torch.no_grad():
         vertices, faces = state.surface()
     return RefineResult(state=state, vertices=vertices.detach(), faces=faces, loss_map=history.as_loss_map())

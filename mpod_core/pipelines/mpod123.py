@@ -53,6 +53,7 @@ from ..guidance.protocol import Denoiser, ViewCondition
 from ..guidance.schedules import TIMESTEP_PRESET_NAMES, TimestepSchedule, timestep_schedule
 from ..guidance.sds import MAX_GUIDANCE_PIXELS, NonFiniteGuard, SDSConfig, sds_image_loss
 from ..loss_history import LossHistory, LossMap
+from ..optim_state import current_moments, restore_moments
 from ..volume.rendering import DEFAULT_MAX_SAMPLES_PER_RAY
 
 
@@ -295,27 +296,13 @@ def stage1_optimizer(field: RadianceField, config: Stage1Config) -> torch.optim.
         optimiser = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15, fused=True)
     except (RuntimeError, TypeError, ValueError):  # a device or dtype the fused kernel does not support
         optimiser = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
-    for name, p in named:
-        saved = field.optimizer_state.get(name)
-        if saved is None or saved["exp_avg"].numel() != p.numel():
-            continue
-        optimiser.state[p] = {
-            "step": saved["step"].detach().float().reshape(()).cpu().clone(),
-            "exp_avg": saved["exp_avg"].detach().to(p).reshape(p.shape).clone(),
-            "exp_avg_sq": saved["exp_avg_sq"].detach().to(p).reshape(p.shape).clone(),
-        }
+    restore_moments(optimiser, dict(named), field.optimizer_state)
     return optimiser
 
 
 def optimizer_moments(field: RadianceField, optimiser: torch.optim.Optimizer) -> Dict[str, Dict[str, torch.Tensor]]:
     """Adam's state per parameter name of ``field.field`` (detached CPU copies)."""
-    moments = {}
-    for name, p in field.field.named_parameters():
-        st = optimiser.state.get(p)
-        if st and "exp_avg" in st:
-            moments[name] = {k: torch.as_tensor(st[k]).detach().to("cpu").clone()
-                             for k in ("exp_avg", "exp_avg_sq", "step")}
-    return moments
+    return current_moments(optimiser, dict(field.field.named_parameters()))
 
 
 def draw_shading(config: Stage1Config, run_fraction: float, camera_center: torch.Tensor,
