@@ -9,7 +9,7 @@ from comfy_api.latest import io
 import folder_paths
 
 from ..mpod_core.guidance.embedding_io import check_embedding_name, find_embedding_file, load_embedding, save_embedding
-from ..mpod_core.guidance.textual_inversion import TextualInversionConfig, refine_prompt, train_textual_inversion
+from ..mpod_core.guidance.textual_inversion import MAX_PASS_PIXELS, TextualInversionConfig, refine_prompt, train_textual_inversion
 from . import comfy_bridge as bridge
 from .schema import check_image, check_masks, config_input, loss_map_output, node_schema
 
@@ -86,6 +86,9 @@ class TextualInversion(io.ComfyNode):
             return f"resolution: {resolution} is not a multiple of 8 (latents are 1/8 of the image)"
         if batch_size is not None and micro_batch is not None and micro_batch > batch_size:
             return f"micro_batch: {micro_batch} is larger than batch_size {batch_size}"
+        if resolution is not None and micro_batch is not None and micro_batch * resolution ** 2 > MAX_PASS_PIXELS:
+            return (f"micro_batch x resolution^2 = {micro_batch * resolution ** 2} exceeds {MAX_PASS_PIXELS} (one 512^2 "
+                    "image per forward/backward pass, the UNet backward's memory): lower micro_batch or resolution")
         return True
 
     @classmethod

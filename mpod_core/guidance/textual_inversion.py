@@ -40,6 +40,7 @@ from ..configdoc import limits
 from ..loss_history import LossHistory, LossMap
 from ..progress import ProgressFn
 from .augment import REALFUSION, augment, prepare_square
+from .sds import MAX_GUIDANCE_PIXELS
 
 #: diffusers' ``imagenet_templates_small`` (examples/textual_inversion/textual_inversion.py), which
 #: RealFusion's and so Magic123's script use unchanged; ``{}`` is where the learned token goes.
@@ -100,6 +101,11 @@ class TextualInversionModel(Protocol):
         ...
 
 
+#: Pixels one forward/backward pass may hold: one 512^2 image, as the score-distillation nodes'
+#: bound (:data:`~mpod_core.guidance.sds.MAX_GUIDANCE_PIXELS`), whose backward is also the memory peak.
+MAX_PASS_PIXELS = MAX_GUIDANCE_PIXELS
+
+
 @dataclass
 class TextualInversionConfig:
     """Settings of :func:`train_textual_inversion` (Magic123's textual-inversion recipe)."""
@@ -111,15 +117,17 @@ class TextualInversionConfig:
     which Magic123's script keeps, without --scale_lr)."""
     weight_decay: float = field(default=1e-2, metadata=limits(0.0, 1.0, 1e-3))
     """AdamW weight decay (diffusers textual_inversion.py --adam_weight_decay default 1e-2)."""
-    resolution: int = field(default=512, metadata=limits(64, 2048, 8))
+    resolution: int = field(default=512, metadata=limits(64, 512, 8))
     """Side of the square training images in pixels, a multiple of 8 (Magic123: --resolution=512, SD 1.5's
-    own size)."""
+    own size; also the most one forward/backward pass may hold, see ``micro_batch``)."""
     batch_size: int = field(default=16, metadata=limits(1, 256))
     """Augmented images per step (Magic123: --train_batch_size=16)."""
     micro_batch: int = field(default=1, metadata=limits(1, 256))
     """Images per forward/backward pass; the gradients of the batch's chunks are summed before the step,
     so the update is exactly that of the whole batch and memory that of this many images (the pack's
-    choice: one 512^2 image's UNet backward already needs several GB on a CPU)."""
+    choice: one 512^2 image's UNet backward already needs several GB on a CPU). micro_batch x resolution^2
+    may not exceed 512^2 (:data:`MAX_PASS_PIXELS`): the UNet's activations for backward grow with it and
+    the self-attention of larger images with its square."""
     background: Background = "white"
     """Colour the reference is composited on (where the mask is 0) and that fills what the augmentation's
     rotation and crops uncover. Match the background the refine stage renders on (white, as Magic123's
@@ -147,6 +155,12 @@ class TextualInversionConfig:
                              f"got {self.resolution}")
         if self.batch_size < 1 or self.micro_batch < 1:
             raise ValueError(f"batch_size and micro_batch must be >= 1, got {self.batch_size}, {self.micro_batch}")
+        pixels = self.micro_batch * self.resolution ** 2
+        if pixels > MAX_PASS_PIXELS:
+            raise ValueError(f"micro_batch x resolution^2 = {self.micro_batch} x {self.resolution}^2 = {pixels} exceeds "
+                             f"{MAX_PASS_PIXELS} (one 512^2 image per forward/backward pass): the UNet's backward "
+                             "would hold too much memory; lower micro_batch (the update stays the whole batch's) "
+                             "or resolution")
         if self.background not in BACKGROUNDS:
             raise ValueError(f"background must be one of {', '.join(BACKGROUNDS)}, got {self.background!r}")
         if self.preview_every < 1:
@@ -307,7 +321,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a.reshape(1, -1).float(), b.reshape(1, -1).float()))
 
 
-__all__: List[str] = ["BACKGROUNDS", "BACKGROUND_RGB", "IMAGENET_TEMPLATES", "REFINE_TEMPLATE",
+__all__: List[str] = ["BACKGROUNDS", "MAX_PASS_PIXELS", "BACKGROUND_RGB", "IMAGENET_TEMPLATES", "REFINE_TEMPLATE",
                       "TextualInversionConfig", "TextualInversionModel", "TextualInversionResult",
                       "composite_reference", "cosine", "diffusion_target", "refine_prompt",
                       "train_textual_inversion", "training_batch"]

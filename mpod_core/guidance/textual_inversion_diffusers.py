@@ -10,7 +10,7 @@ scheduler with ``alphas_cumprod`` and ``config.prediction_type``).
 The learned token enters the text encoder as diffusers' textual_inversion.py
 puts it there, a row of the input embeddings, without resizing the vocabulary:
 a forward hook on the token-embedding module replaces the output at the
-placeholder's position by the (differentiable) embedding.
+marker token's position by the (differentiable) embedding.
 """
 from __future__ import annotations
 

@@ -217,6 +217,8 @@ def test_interrupt_leaves_no_file(comfy_server, sd15_checkpoint):
     ({"initializer_word": "ironmanxyzzy"}, "initializer_word"),
     ({"initializer_word": "two words"}, "initializer_word"),
     ({"resolution": 68}, "resolution"),
+    ({"resolution": 1024}, "resolution"),                                   # above the widget's max, 512
+    ({"batch_size": 4, "micro_batch": 2, "resolution": 512}, "exceeds 262144"),  # two 512^2 images a pass
 ])
 def test_bad_widgets_are_refused_at_validation(comfy_server, sd15_checkpoint, widgets, needle):
     errors = comfy_server.rejection(_ti_prompt(sd15_checkpoint, "ti_bad", text_encode=False, **widgets), "4")

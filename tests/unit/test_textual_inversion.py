@@ -365,3 +365,14 @@ def test_defaults_are_magic123s_and_documented():
     for f in ("steps", "learning_rate", "weight_decay", "resolution", "batch_size", "augment"):
         assert "Magic123" in docs[f] or "diffusers" in docs[f], f
     assert refine_prompt("tok") == "A high-resolution DSLR image of embedding:tok"
+
+
+def test_one_pass_holds_at_most_one_512_image():
+    """micro_batch x resolution^2 is bounded by one 512^2 image (the UNet backward's memory): 2 x 512^2 and
+    1 x 1024^2 are refused, 4 x 256^2 (the same pixels) is accepted."""
+    from mpod_core.guidance.textual_inversion import MAX_PASS_PIXELS, TextualInversionConfig
+    assert MAX_PASS_PIXELS == 512 * 512
+    TextualInversionConfig(resolution=256, batch_size=4, micro_batch=4).validate()
+    for resolution, micro in ((512, 2), (1024, 1)):
+        with pytest.raises(ValueError, match="exceeds 262144"):
+            TextualInversionConfig(resolution=resolution, batch_size=4, micro_batch=micro).validate()
