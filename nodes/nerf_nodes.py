@@ -35,15 +35,15 @@ def _check_field(field, name: str = "field") -> RadianceField:
     return field
 
 
-def _reference_inputs(image: torch.Tensor, mask, invert_mask: bool):
+def _reference_inputs(image: torch.Tensor, mask, invert_mask: bool, node: str = "Zero123 SDS NeRF"):
     """ComfyUI IMAGE (+ MASK) -> (H, W, 3) image and (H, W) foreground mask."""
-    img = check_image(image, "Zero123 SDS NeRF")[0].float()
+    img = check_image(image, node)[0].float()
     if mask is not None:
-        m = check_masks(mask, "Zero123 SDS NeRF", "mask")[0].float()
+        m = check_masks(mask, node, "mask", size=tuple(img.shape[:2]))[0].float()
     elif img.shape[-1] == 4:
         m = img[..., 3]
     else:
-        raise ValueError("no mask: connect the object's MASK (e.g. from a background-removal node, or Load "
+        raise ValueError(f"{node}: no mask: connect the object's MASK (e.g. from a background-removal node, or Load "
                          "Image's MASK with invert_mask on), or give an RGBA image")
     if invert_mask:
         m = 1.0 - m
@@ -357,13 +357,7 @@ class LoadRadianceField(io.ComfyNode):
 
     @classmethod  # named arguments only: with **kwargs ComfyUI skips its own range/option checks of every input
     def validate_inputs(cls, field_file: str) -> bool | str:
-        try:
-            path = bridge.resolve_input_or_output_file(field_file)
-        except ValueError as exc:
-            return f"Load Radiance Field: {exc}"
-        if not path.is_file():
-            return f"Load Radiance Field: '{field_file}' not found"
-        return True
+        return bridge.check_listed_file("Load Radiance Field", field_file)
 
     @classmethod
     def fingerprint_inputs(cls, field_file: str, **_):

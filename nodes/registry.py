@@ -34,6 +34,9 @@ NODE_DISPLAY_NAMES = {
     "MPOD3D_LoadSAM": "Load SAM Model",
     "MPOD3D_SAMSegmentObjects": "SAM Segment Objects",
     "MPOD3D_TextualInversion": "Textual Inversion",
+    "MPOD3D_DMTetRefine": "DMTet Refine",
+    "MPOD3D_SaveDMTetState": "Save DMTet State",
+    "MPOD3D_LoadDMTetState": "Load DMTet State",
 }
 
 #: node id -> menu category.
@@ -44,7 +47,9 @@ NODE_CATEGORIES = {
     "MPOD3D_SDSImageFit": GUIDANCE_CATEGORY,
     **{node_id: MPOD123_CATEGORY for node_id in ("MPOD3D_Zero123SDSNeRF", "MPOD3D_OpacityMask", "MPOD3D_FieldToMesh",
                                                  "MPOD3D_SaveRadianceField", "MPOD3D_LoadRadianceField",
-                                                 "MPOD3D_TextualInversion", "MPOD3D_MRCAAttentionPatch")},
+                                                 "MPOD3D_TextualInversion", "MPOD3D_MRCAAttentionPatch",
+                                                 "MPOD3D_DMTetRefine", "MPOD3D_SaveDMTetState",
+                                                 "MPOD3D_LoadDMTetState")},
     **{node_id: REPARO_CATEGORY for node_id in ("MPOD3D_CropObjects", "MPOD3D_OTLayoutAlign", "MPOD3D_LoadSAM",
                                                 "MPOD3D_SAMSegmentObjects")},
 }
@@ -55,6 +60,9 @@ TRIMESH_TYPE = "TRIMESH"
 
 #: Custom type name of radiance fields (mpod_core.fields.RadianceField objects).
 RADIANCE_FIELD_TYPE = "RADIANCE_FIELD"
+
+#: Custom type name of DMTet refine states (mpod_core.pipelines.dmtet_refine.RefineState objects).
+DMTET_STATE_TYPE = "MPOD3D_DMTET_STATE"
 
 #: Custom type name of Segment Anything models (segment_anything.modeling.Sam objects),
 #: the name ComfyUI-Impact-Pack's SAMLoader uses, so SAM models plug in across packs.

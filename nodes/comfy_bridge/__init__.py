@@ -177,6 +177,18 @@ def resolve_input_or_output_file(name: str) -> Path:
     return resolve_input_file(name)
 
 
+def check_listed_file(node: str, name: str) -> bool | str:
+    """A loader node's ``validate_inputs`` answer for a name from :func:`list_input_and_output_files`:
+    True, or a message naming ``node`` when the name leaves its folder or the file is missing."""
+    try:
+        path = resolve_input_or_output_file(name)
+    except ValueError as exc:
+        return f"{node}: {exc}"
+    if not path.is_file():
+        return f"{node}: '{name}' not found"
+    return True
+
+
 def resolve_input_file(relative: str) -> Path:
     """Absolute path of a file named relative to the input folder.
 

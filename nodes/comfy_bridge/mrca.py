@@ -230,3 +230,10 @@ def apply_mrca(model, patch: MRCAPatch):
     for block, block_id, index in sites:
         patched.set_model_attn2_replace(patch, block, block_id, index)
     return patched
+
+
+def mrca_patched_layers(model) -> int:
+    """How many cross-attention layers of ``model`` carry an :class:`MRCAPatch` (0: not patched)."""
+    options = getattr(model, "model_options", None) or {}
+    replaced = options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    return sum(isinstance(patch, MRCAPatch) for patch in replaced.values())
