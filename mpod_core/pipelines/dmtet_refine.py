@@ -40,6 +40,7 @@ from ..loss_history import LossHistory, LossMap
 from ..optim_state import current_moments, restore_moments
 from ..progress import ProgressFn
 from ..render import render_mesh
+from .mpod123 import prepare_reference
 
 __all__ = ["RefineConfig", "RefineState", "RefineResult", "refine_sds_config", "init_refine_state",
            "normal_consistency", "laplacian_smoothness", "fit_refine"]
@@ -274,7 +275,6 @@ def fit_refine(state: RefineState, stage1: RadianceField, image: torch.Tensor, m
     Returns:
         :class:`RefineResult`.
     """
-    from .mpod123 import prepare_reference  # noqa: PLC0415 (shared reference preparation)
     config.validate()
     dev = state.sdf.device
     res = config.resolution
