@@ -91,17 +91,27 @@ def save_radiance_field(field: RadianceField, path: PathLike) -> Path:
     return path
 
 
+def header_metadata(path: Path, what: str) -> dict:
+    """The string metadata in a ``.safetensors`` header (``{}`` when there is none).
+
+    Raises:
+        FileNotFoundError: no such file (naming ``what`` it should be).
+        ValueError: not a readable .safetensors file.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"{path.name} is not a readable .safetensors file ({e})") from e
+
+
 def read_settings(path: PathLike) -> dict:
     """The settings JSON of a field file; ValueError for files that are not
     radiance fields of this pack or come from another format version."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"radiance field file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise ValueError(f"{path.name} is not a readable .safetensors file ({e})") from e
+    meta = header_metadata(path, "radiance field")
     if SETTINGS_KEY not in meta:
         raise ValueError(f"{path.name} is a .safetensors file but not an MPOD3D radiance field "
                          f"(no '{SETTINGS_KEY}' metadata); save fields with the Save Radiance Field node")

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from ..atomic import atomic_paths
 from ..fields.io import (OPTIMIZER_PREFIX, PathLike, _split_optimizer_state, _state_for_file, field_from_state,
-                         settings_of)
+                         header_metadata, settings_of)
 from ..geometry import TetGrid
 from .dmtet_refine import RefineState
 
@@ -117,13 +117,7 @@ def read_refine_settings(path: PathLike) -> dict:
             field is named as such), or another format version.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"refine state file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise ValueError(f"{path.name} is not a readable .safetensors file ({e})") from e
+    meta = header_metadata(path, "refine state")
     settings = json.loads(meta[SETTINGS_KEY]) if SETTINGS_KEY in meta else {}
     fmt = settings.get("format")
     if fmt != FORMAT_NAME:

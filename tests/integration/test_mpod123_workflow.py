@@ -16,6 +16,7 @@ from harness.gltf import validate_gltf
 from harness.loss_graph import add_loss_graph, check_loss_graph
 from harness.progress import interrupt_after
 from harness.workflow_convert import ui_to_api
+from harness.workflows import set_inputs
 from mpod_core.pipelines.refine_state_io import load_refine_state
 
 REFINE = "MPOD3D_DMTetRefine"
@@ -53,29 +54,18 @@ def mpod123_run(comfy_server, sd15_checkpoint, zero123_checkpoint, tmp_path_fact
     shipped = {k: refine[k] for k in ("iterations", "resolution", "guidance_resolution", "learning_rate",
                                       "guidance_scale", "min_step", "max_step", "grid_cells", "fallback")}
     embedding = "mpod123_workflow_token"
-    for node in api.values():
-        inputs, kind = node["inputs"], node["class_type"]
-        if kind == "ImageOnlyCheckpointLoader":
-            inputs["ckpt_name"] = zero123_checkpoint
-        elif kind == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = sd15_checkpoint
-        elif kind == "LoadImage":
-            inputs["image"] = image
-        elif kind == "MPOD3D_Zero123SDSNeRF":
-            inputs.update(iterations=3, resolution=32, guidance_resolution=64, samples_per_ray=64,
-                          turntable_frames=1)
-        elif kind == "MPOD3D_OpacityMask":
-            inputs["resolution"] = 32
-        elif kind == "MPOD3D_TextualInversion":
-            inputs.update(steps=1, resolution=64, batch_size=1, embedding_name=embedding)
-        elif kind == REFINE:
-            inputs.update(TINY_REFINE)
-        elif kind == "MPOD3D_SaveRadianceField":
-            inputs["filename_prefix"] = "fields/mpod123_wf"
-        elif kind == "MPOD3D_SaveDMTetState":
-            inputs["filename_prefix"] = "dmtet/mpod123_wf"
-        elif kind == "MPOD3D_SaveMesh":
-            inputs["filename_prefix"] = "mesh/mpod123_wf"
+    set_inputs(api, {
+        "ImageOnlyCheckpointLoader": {"ckpt_name": zero123_checkpoint},
+        "CheckpointLoaderSimple": {"ckpt_name": sd15_checkpoint},
+        "LoadImage": {"image": image},
+        "MPOD3D_Zero123SDSNeRF": {"iterations": 3, "resolution": 32, "guidance_resolution": 64, "samples_per_ray": 64,
+                                  "turntable_frames": 1},
+        "MPOD3D_OpacityMask": {"resolution": 32},
+        "MPOD3D_TextualInversion": {"steps": 1, "resolution": 64, "batch_size": 1, "embedding_name": embedding},
+        REFINE: TINY_REFINE,
+        "MPOD3D_SaveRadianceField": {"filename_prefix": "fields/mpod123_wf"},
+        "MPOD3D_SaveDMTetState": {"filename_prefix": "dmtet/mpod123_wf"},
+        "MPOD3D_SaveMesh": {"filename_prefix": "mesh/mpod123_wf"}})
     add_loss_graph(api, kinds[REFINE], 3)
     saved_embedding = comfy_server.models_dir / "embeddings" / f"{embedding}.safetensors"
     try:

@@ -60,6 +60,12 @@ def test_the_start_is_the_fields_surface_on_a_tightened_box():
     state = init_refine_state(_ball_field(0.45), config, backend="torch")
     lo, hi = torch.tensor(state.grid.bbox[:3]), torch.tensor(state.grid.bbox[3:])
     assert torch.all(hi > 0.45) and torch.all(lo < -0.45) and torch.all(hi - lo < 1.4)   # from [-1, 1]^3
+    # The ball's box [-0.45, 0.45]^3 + 10% of its extent on each side, up to the one cell (of the first,
+    # 24-cell grid on [-1, 1]^3) by which the occupied vertices may fall short of the surface: measured 0.6.
+    cell = 2.0 / 24
+    least, most = 0.45 + 0.1 * 0.9, (0.45 + cell) + 0.1 * (0.9 + 2 * cell)
+    for side in (hi, -lo):
+        assert torch.all(side >= least - 1e-6) and torch.all(side <= most + 1e-6), (side, least, most)
     v, f = state.surface()
     r = v.detach().norm(dim=1)
     assert f.shape[0] > 1000 and float((r - 0.45).abs().max()) < 0.03
