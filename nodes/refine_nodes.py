@@ -63,7 +63,7 @@ class DMTetRefine(io.ComfyNode):
                         "tetrahedral SDF (DMTet, sdf = density_threshold - density on a box tightened to the "
                         "object + 10%) whose surface and texture are refined at high resolution: 25% of "
                         "iterations fit the reference view (RGB + mask), 75% distil Stable Diffusion's score at a "
-                        "random view through the MRCA-patched MODEL, the stage-1 outline of that same view "
+                        "random view through the MRCA-patched MODEL (guidance 100, timesteps [0.02, 0.5]: Magic123's refine), the stage-1 outline of that same view "
                         "confining the learned token (MRCA) and pulling the silhouette (L_nvm), with normal "
                         "consistency and Laplacian smoothing. The mesh comes out UV-unwrapped with its texture "
                         f"baked (Save Mesh writes a textured GLB). Long: {CPU_COST}. Memory is bounded: renders "
@@ -97,8 +97,11 @@ class DMTetRefine(io.ComfyNode):
                 config_input(RefineConfig, "density_threshold", "Ignored when resuming."),
                 config_input(SDSConfig, "guidance_scale", "Stable Diffusion's classifier-free guidance "
                                                          "(Magic123 refine: 100).", default=d.sds.guidance_scale),
-                config_input(SDSConfig, "min_step", "Magic123 refine: 0.02.", default=d.sds.min_step),
-                config_input(SDSConfig, "max_step", "Magic123 refine: 0.5.", default=d.sds.max_step),
+                config_input(RefineConfig, "timestep_preset"),
+                config_input(SDSConfig, "min_step", "custom preset only: lowest timestep, fraction of the "
+                                                    "schedule (Magic123 refine: 0.02).", default=d.sds.min_step),
+                config_input(SDSConfig, "max_step", "custom preset only: highest timestep (Magic123 refine: 0.5).",
+                             default=d.sds.max_step),
                 config_input(RefineConfig, "reference_probability"),
                 io.Float.Input("elevation_min", default=d.elevation_range[0], min=-89.0, max=89.0, step=1.0,
                                tooltip="Lowest elevation of random views, degrees (magic123-refine-sd.yaml: -45)."),
@@ -130,7 +133,7 @@ class DMTetRefine(io.ComfyNode):
 
     @classmethod
     def execute(cls, field, model, vae, positive, image, invert_mask, iterations, resolution, guidance_resolution,
-                grid_cells, learning_rate, density_threshold, guidance_scale, min_step, max_step,
+                grid_cells, learning_rate, density_threshold, guidance_scale, timestep_preset, min_step, max_step,
                 reference_probability, elevation_min, elevation_max, lambda_sds, lambda_rgb, lambda_mask, lambda_nvm,
                 lambda_normal_consistency, lambda_laplacian, mrca_masks, fallback, texture_size, seed, backend,
                 negative=None, mask=None, resume_state=None) -> io.NodeOutput:
@@ -143,6 +146,7 @@ class DMTetRefine(io.ComfyNode):
             grid_cells=grid_cells, learning_rate=learning_rate, density_threshold=density_threshold,
             reference_probability=reference_probability, elevation_range=(elevation_min, elevation_max),
             sds=SDSConfig(guidance_scale=guidance_scale, min_step=min_step, max_step=max_step),
+            timestep_preset=timestep_preset,
             lambda_sds=lambda_sds, lambda_rgb=lambda_rgb, lambda_mask=lambda_mask, lambda_nvm=lambda_nvm,
             lambda_normal_consistency=lambda_normal_consistency, lambda_laplacian=lambda_laplacian,
             mrca_masks=mrca_masks, seed=seed)

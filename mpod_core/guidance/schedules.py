@@ -75,14 +75,27 @@ TIMESTEP_PRESETS: Dict[str, TimestepSchedule] = {
 #: The widget's choices: the presets, then "custom" (the node's own min/max/anneal widgets).
 TIMESTEP_PRESET_NAMES: Tuple[str, ...] = tuple(TIMESTEP_PRESETS) + ("custom",)
 
+#: Stable Diffusion's timesteps in MPOD123's DMTet refine (REFERENCE.md "Score distillation").
+REFINE_TIMESTEP_PRESETS: Dict[str, TimestepSchedule] = {
+    "magic123-refine": TimestepSchedule(
+        0.02, 0.5, source="Magic123 (official code), fine stage: a fixed [0.02, 0.5]"),
+    "threestudio-magic123-refine": TimestepSchedule(
+        0.2, 0.6, source="threestudio configs/magic123-refine-sd.yaml: a fixed [0.2, 0.6]"),
+}
+#: DMTet Refine's choices: its presets, then "custom".
+REFINE_TIMESTEP_PRESET_NAMES: Tuple[str, ...] = tuple(REFINE_TIMESTEP_PRESETS) + ("custom",)
 
-def timestep_schedule(preset: str, custom: Optional[TimestepSchedule] = None) -> TimestepSchedule:
-    """The schedule named ``preset``, or ``custom`` when ``preset == "custom"``."""
+
+def timestep_schedule(preset: str, custom: Optional[TimestepSchedule] = None,
+                      presets: Optional[Dict[str, TimestepSchedule]] = None) -> TimestepSchedule:
+    """The schedule named ``preset`` in ``presets`` (default :data:`TIMESTEP_PRESETS`), or ``custom``
+    when ``preset == "custom"``."""
+    presets = TIMESTEP_PRESETS if presets is None else presets
     if preset == "custom":
         if custom is None:
             raise ValueError("timestep_preset 'custom' needs the custom schedule's values")
         custom.validate()
         return custom
-    if preset not in TIMESTEP_PRESETS:
-        raise ValueError(f"timestep_preset must be one of {', '.join(TIMESTEP_PRESET_NAMES)}; got {preset!r}")
-    return TIMESTEP_PRESETS[preset]
+    if preset not in presets:
+        raise ValueError(f"timestep_preset must be one of {', '.join([*presets, 'custom'])}; got {preset!r}")
+    return presets[preset]

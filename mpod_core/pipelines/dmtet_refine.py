@@ -35,6 +35,8 @@ from ..geometry import TetGrid, deform, marching_tets, sdf_from_density, tighten
 from ..guidance import SDSConfig, ViewCondition
 from ..guidance.mrca import MASK_OPTION_KEY
 from ..guidance.protocol import Denoiser
+from ..guidance.schedules import (REFINE_TIMESTEP_PRESET_NAMES, REFINE_TIMESTEP_PRESETS, TimestepSchedule,
+                                  timestep_schedule)
 from ..guidance.sds import NonFiniteGuard, sds_image_loss
 from ..loss_history import LossHistory, LossMap
 from ..optim_state import current_moments, restore_moments
@@ -50,7 +52,8 @@ MAX_REFINE_RESOLUTION = 1024
 
 
 def refine_sds_config() -> SDSConfig:
-    """SD guidance of the refine stage: guidance 100, t ∈ [0.02, 0.5] (Magic123's refine settings)."""
+    """SD guidance of the refine stage: guidance 100, t ∈ [0.02, 0.5] (Magic123's refine settings; the
+    range is the "custom" one, used when ``RefineConfig.timestep_preset == "custom"``)."""
     return SDSConfig(guidance_scale=100.0, min_step=0.02, max_step=0.5)
 
 
@@ -77,7 +80,11 @@ class RefineConfig:
     azimuth_range: Tuple[float, float] = (-180.0, 180.0)
     """Novel-view azimuths, degrees (magic123-refine-sd.yaml)."""
     sds: SDSConfig = field(default_factory=refine_sds_config)
-    """Score distillation settings (guidance 100, t ∈ [0.02, 0.5])."""
+    """Score distillation settings (guidance 100; its t range is used with the "custom" preset)."""
+    timestep_preset: str = field(default="magic123-refine", metadata=limits(options=REFINE_TIMESTEP_PRESET_NAMES))
+    """SD timesteps (:data:`~mpod_core.guidance.schedules.REFINE_TIMESTEP_PRESETS`): magic123-refine
+    [0.02, 0.5] (Magic123's official refine), threestudio-magic123-refine [0.2, 0.6], or "custom"
+    (``sds.min_step`` / ``sds.max_step``)."""
     lambda_sds: float = field(default=1e-3, metadata=limits(0.0, 1000.0, 1e-4))
     """SDS weight (magic123-refine-sd.yaml ``lambda_sd``: 0.001)."""
     lambda_rgb: float = field(default=10.0, metadata=limits(0.0, 10000.0, 0.1))
@@ -126,7 +133,12 @@ class RefineConfig:
             lo, hi = getattr(self, name)
             if not lo <= hi:
                 raise ValueError(f"{name}: min must not exceed max, got ({lo}, {hi})")
-        self.sds.validate()
+        self.sds_in_force().validate()
+
+    def sds_in_force(self) -> SDSConfig:
+        """``sds`` with the timestep range of ``timestep_preset``."""
+        custom = TimestepSchedule(self.sds.min_step, self.sds.max_step)
+        return timestep_schedule(self.timestep_preset, custom, REFINE_TIMESTEP_PRESETS).sds_config(self.sds, 1)
 
 
 @dataclass
@@ -289,6 +301,7 @@ def fit_refine(state: RefineState, stage1: RadianceField, image: torch.Tensor, m
     start = state.steps_done
     views_gen = torch.Generator().manual_seed(int(config.seed) + start)
     noise_gen = torch.Generator(device=dev).manual_seed(int(config.seed) + start + 1)
+    sds = config.sds_in_force()
     optimiser = _optimizer(state, config)
     guard = NonFiniteGuard()
     history = LossHistory()
@@ -328,7 +341,7 @@ def fit_refine(state: RefineState, stage1: RadianceField, image: torch.Tensor, m
                 if g != res:
                     images = F.interpolate(images, size=(g, g), mode="bilinear", align_corners=False,
                                            antialias=g < res)
-                terms["sds"] = sds_image_loss(images, denoiser, config.sds, step, views, noise_gen, guard=guard).loss
+                terms["sds"] = sds_image_loss(images, denoiser, sds, step, views, noise_gen, guard=guard).loss
             terms["normal_consistency"] = normal_consistency(vertices, faces)
             terms["laplacian"] = laplacian_smoothness(vertices, faces)
             loss = sum(getattr(config, f"lambda_{name}") * value for name, value in terms.items())

@@ -52,7 +52,7 @@ def mpod123_run(comfy_server, sd15_checkpoint, zero123_checkpoint, tmp_path_fact
     kinds = _kinds(api)
     refine = api[kinds[REFINE]]["inputs"]
     shipped = {k: refine[k] for k in ("iterations", "resolution", "guidance_resolution", "learning_rate",
-                                      "guidance_scale", "min_step", "max_step", "grid_cells", "fallback")}
+                                      "guidance_scale", "timestep_preset", "grid_cells", "fallback")}
     embedding = "mpod123_workflow_token"
     set_inputs(api, {
         "ImageOnlyCheckpointLoader": {"ckpt_name": zero123_checkpoint},
@@ -81,8 +81,8 @@ def test_the_workflow_ships_the_papers_settings_and_wires_every_step(mpod123_run
             "CheckpointLoaderSimple", "MPOD3D_TextualInversion", "CLIPTextEncode", "MPOD3D_MRCAAttentionPatch",
             REFINE, "MPOD3D_SaveMesh", "Preview3D", "MPOD3D_SaveDMTetState"} <= set(kinds)
     assert mpod123_run["shipped"] == {"iterations": 5000, "resolution": 1024, "guidance_resolution": 512,
-                                      "learning_rate": 0.001, "guidance_scale": 100.0, "min_step": 0.02,
-                                      "max_step": 0.5, "grid_cells": 64, "fallback": "texture"}
+                                      "learning_rate": 0.001, "guidance_scale": 100.0,
+                                      "timestep_preset": "magic123-refine", "grid_cells": 64, "fallback": "texture"}
     refine = mpod123_run["api"][kinds[REFINE]]["inputs"]
     assert refine["model"] == [kinds["MPOD3D_MRCAAttentionPatch"], 0]       # the MRCA-patched MODEL
     assert refine["field"] == [kinds["MPOD3D_Zero123SDSNeRF"], 0]           # the stage-1 field
@@ -127,7 +127,8 @@ def test_it_saves_a_valid_textured_glb_and_the_state(comfy_server, mpod123_run):
 
 def _refine_prompt(server, sd15_checkpoint, image, field_file, mrca=True, **widgets):
     """API prompt: Load Radiance Field + SD 1.5 (+ MRCA) + prompt -> DMTet Refine -> Save DMTet State."""
-    inputs = {"invert_mask": True, "learning_rate": 0.001, "guidance_scale": 100.0, "min_step": 0.02,
+    inputs = {"invert_mask": True, "learning_rate": 0.001, "guidance_scale": 100.0,
+              "timestep_preset": "magic123-refine", "min_step": 0.02,
               "max_step": 0.5, "elevation_min": -45.0, "elevation_max": 45.0, "lambda_sds": 0.001,
               "lambda_rgb": 10.0, "lambda_mask": 1.0, "lambda_nvm": 1.0, "lambda_normal_consistency": 100.0,
               "lambda_laplacian": 100.0, "mrca_masks": True, "fallback": "vertex_colors", "seed": 0,

@@ -195,9 +195,11 @@ class _Spy(OracleDenoiser):
     def __init__(self, **kw):
         super().__init__(**kw)
         self.extras = []
+        self.timesteps = []
 
     def predict_noise(self, latents_t, t, guidance_scale, views=None):
         self.extras.append(dict(views.extras))
+        self.timesteps.append(int(torch.as_tensor(t).reshape(-1)[0]))
         return super().predict_noise(latents_t, t, guidance_scale, views)
 
 
@@ -298,3 +300,22 @@ def test_refine_moves_a_ball_onto_the_oracle_mesh(variant):
         assert end.mean() > 0.8 and end.min() > 0.7, end
         assert gain.mean() >= 4.0 and gain.min() >= 2.0, gain
         assert texture_gain >= 2.0, texture_gain
+
+
+@pytest.mark.parametrize("preset,low,high", [("magic123-refine", 0.02, 0.5), ("threestudio-magic123-refine", 0.2, 0.6),
+                                             ("custom", 0.7, 0.8)])
+def test_the_timestep_preset_sets_the_range_the_guidance_sees(preset, low, high):
+    config = RefineConfig(iterations=8, resolution=16, guidance_resolution=None, grid_cells=6,
+                          reference_probability=0.0, timestep_preset=preset)
+    config.sds.min_step, config.sds.max_step = 0.7, 0.8         # the custom range, ignored by the presets
+    in_force = config.sds_in_force()
+    assert (in_force.min_step, in_force.max_step) == (low, high) and in_force.guidance_scale == 100.0
+    oracle = MeshViewOracle(16)
+    spy = _Spy(target=torch.zeros(3, 16, 16))
+    stage1 = _ball_field()
+    fit_refine(init_refine_state(stage1, config, backend="torch"), stage1, *oracle.reference(16), spy, config,
+               backend="torch", outline_fn=lambda cams, size: torch.ones(len(cams), size, size))
+    steps = spy.alphas_cumprod.shape[0]
+    assert len(spy.timesteps) == 8 and all(low * steps - 1 <= t <= high * steps for t in spy.timesteps), spy.timesteps
+    with pytest.raises(ValueError, match="timestep_preset must be one of"):
+        RefineConfig(timestep_preset="stable-zero123").validate()
