@@ -402,3 +402,25 @@ def textured_mesh(vertices, faces, colour_fn: ColorFn, size: int = 1024,
                                                    metallicFactor=0.0, roughnessFactor=1.0)
     return trimesh.Trimesh(new_verts.double().numpy(), new_faces.numpy(), process=False,
                            visual=trimesh.visual.TextureVisuals(uv=uv.double().numpy(), material=material))
+
+
+def bake_mesh(vertices, faces, colour_fn: ColorFn, config: TextureBakeConfig, device=None,
+              progress: Optional[ProgressFn] = None) -> Tuple[trimesh.Trimesh, str]:
+    """:func:`textured_mesh` with ``config``, never losing the mesh to an unwrapping failure.
+
+    With ``config.fallback == "texture"``, a missing xatlas or an xatlas crash on this mesh gives
+    the vertex-colour mesh instead (the result of a long optimisation is not thrown away for its
+    texture); the returned line says which happened.
+
+    Returns:
+        (mesh, one line for the user: what colours the mesh has, or a warning with the reason).
+    """
+    def make(fallback: str) -> trimesh.Trimesh:
+        return textured_mesh(vertices, faces, colour_fn, size=config.size, fallback=fallback, padding=config.padding,
+                             chunk=config.chunk, device=device, progress=progress)
+    if config.fallback == "vertex_colors":
+        return make("vertex_colors"), "colours: vertex colours"
+    try:
+        return make("texture"), f"colours: UV texture {config.size}x{config.size} (xatlas)"
+    except (ImportError, RuntimeError) as exc:
+        return make("vertex_colors"), f"WARNING: texture bake failed ({exc}); vertex colours instead"

@@ -10,7 +10,7 @@ from ..mpod_core.guidance import SDSConfig
 from ..mpod_core.pipelines.dmtet_refine import RefineConfig, RefineState, fit_refine, init_refine_state
 from ..mpod_core.pipelines.refine_state_io import (copy_refine_state, load_refine_state, read_refine_settings,
                                                    save_refine_state)
-from ..mpod_core.texture_bake import TextureBakeConfig, textured_mesh
+from ..mpod_core.texture_bake import TextureBakeConfig, bake_mesh
 from . import comfy_bridge as bridge
 from .comfy_bridge.diffusion import ComfyTextDenoiser
 from .comfy_bridge.mrca import check_sd_model, mrca_patched_layers
@@ -171,22 +171,14 @@ class DMTetRefine(io.ComfyNode):
 
 
 def _bake(result, bake: TextureBakeConfig, device):
-    """(mesh, report line): the texture field baked into a UV texture, or vertex colours when asked or when
-    xatlas fails (the refined surface is never lost to an unwrapping crash)."""
+    """(mesh, report line): the texture field baked (:func:`~mpod_core.texture_bake.bake_mesh`)."""
     def colour(points):
         with torch.no_grad():
             return result.state.albedo(points.to(device))
-
-    def make(fallback):
-        return textured_mesh(result.vertices.cpu(), result.faces.cpu(), colour, size=bake.size, fallback=fallback,
-                             padding=bake.padding, chunk=bake.chunk, progress=bridge.Progress(1))
-    if bake.fallback == "vertex_colors":
-        return make("vertex_colors"), "colours: vertex colours"
-    try:
-        return make("texture"), f"colours: UV texture {bake.size}x{bake.size} (xatlas)"
-    except (ImportError, RuntimeError) as exc:
-        log.warning("MPOD3D DMTet Refine: texture bake failed, vertex colours instead: %s", exc)
-        return make("vertex_colors"), f"WARNING: texture bake failed ({exc}); vertex colours instead"
+    mesh, how = bake_mesh(result.vertices.cpu(), result.faces.cpu(), colour, bake, progress=bridge.Progress(1))
+    if how.startswith("WARNING"):
+        log.warning("MPOD3D DMTet Refine: %s", how)
+    return mesh, how
 
 
 class SaveDMTetState(io.ComfyNode):

@@ -314,6 +314,21 @@ def test_a_crashing_xatlas_is_an_error_not_a_dead_process(monkeypatch):
         tb.unwrap_uv(m.vertices, m.faces)
 
 
+@needs_xatlas
+def test_bake_mesh_keeps_the_mesh_when_xatlas_crashes(monkeypatch):
+    """The refined surface survives an unwrapping crash: vertex colours and a warning line instead."""
+    m = trimesh.creation.icosphere(1)
+    config = tb.TextureBakeConfig(size=64)
+    mesh, line = tb.bake_mesh(m.vertices, m.faces, wavy_colour, config)
+    assert isinstance(mesh.visual, trimesh.visual.TextureVisuals) and line == "colours: UV texture 64x64 (xatlas)"
+    monkeypatch.setattr(tb, "_XATLAS_WORKER", "import ctypes; ctypes.string_at(0)")
+    mesh, line = tb.bake_mesh(m.vertices, m.faces, wavy_colour, config)
+    assert line.startswith("WARNING: texture bake failed (xatlas failed") and "signal 11" in line
+    assert mesh.visual.kind == "vertex" and np.array_equal(mesh.faces, m.faces)
+    mesh, line = tb.bake_mesh(m.vertices, m.faces, wavy_colour, tb.TextureBakeConfig(fallback="vertex_colors"))
+    assert mesh.visual.kind == "vertex" and line == "colours: vertex colours"
+
+
 def test_config_defaults_are_the_functions_defaults():
     # Nodes build their widgets from TextureBakeConfig; the library's defaults must match it.
     import inspect
