@@ -24,19 +24,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comfy_bench import DEFAULT_COMFYUI, pack_module, random_checkpoints, start_comfyui  # noqa: E402
+from comfy_bench import (DEFAULT_COMFYUI, comfy_denoiser, pack_module, random_checkpoints,  # noqa: E402
+                         sds_step, start_comfyui)
 from timing import median_time  # noqa: E402
-
-
-def _load(sd, kind: str, path: Path):
-    """Load like the loader nodes: SD 1.5 -> (MODEL, positive CONDITIONING, VAE);
-    Stable Zero123 -> (MODEL, CLIP_VISION, VAE)."""
-    if kind == "sd15":
-        model, clip, vae = sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)[:3]
-        cond, pooled = clip.encode_from_tokens(clip.tokenize("a DSLR photo of a wooden chair"), return_pooled=True)
-        return model, [[cond, {"pooled_output": pooled}]], vae
-    out = sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=False, output_clipvision=True)
-    return out[0], out[3], out[2]
 
 
 def main(argv=None) -> int:
@@ -52,9 +42,7 @@ def main(argv=None) -> int:
     files = random_checkpoints([m for m, _ in cases], args.cache, args.comfyui)
     start_comfyui(args.comfyui)
     import torch
-    import comfy.sd
 
-    diffusion = pack_module("nodes.comfy_bridge.diffusion")
     guidance = pack_module("mpod_core.guidance")
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; median of {args.reps} after a warm-up")
@@ -63,19 +51,7 @@ def main(argv=None) -> int:
     print("plain = guided noise prediction (cond+uncond batch); encoder = VAE encoder forward+backward; "
           "rest = SDS step - plain - encoder")
     for kind, size in cases:
-        torch.set_grad_enabled(True)
-        with torch.inference_mode():  # as ComfyUI's loader nodes run
-            loaded = _load(comfy.sd, kind, files[kind])
-        if kind == "sd15":
-            model, positive, vae = loaded
-            denoiser = diffusion.ComfyTextDenoiser(model, vae, positive, None)
-            views, scale = None, 100.0
-        else:
-            model, clip_vision, vae = loaded
-            reference = torch.rand(1, size, size, 3)
-            denoiser = diffusion.ComfyZero123Denoiser(model, clip_vision, vae, reference)
-            views = guidance.ViewCondition(torch.tensor([15.0]), torch.tensor([60.0]), torch.tensor([2.5]))
-            scale = 3.0
+        denoiser, views, scale = comfy_denoiser(kind, files[kind], size)
         config = guidance.SDSConfig(guidance_scale=scale)
         generator = torch.Generator().manual_seed(0)
         image = torch.rand(1, 3, size, size)
@@ -88,22 +64,16 @@ def main(argv=None) -> int:
                 with torch.no_grad():
                     denoiser.predict_noise(latents_t, t, scale, views)
 
-            def sds_step():
-                pixels = image.clone().requires_grad_(True)
-                out = guidance.sds_image_loss(pixels, denoiser, config, 0, views, generator)
-                out.loss.backward()
-                assert torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0
-
             def encoder_only():
                 pixels = image.clone().requires_grad_(True)
                 denoiser.encode(pixels).square().sum().backward()
 
             t_plain = median_time(plain, args.reps)
-            t_sds = median_time(sds_step, args.reps)
+            t_sds = median_time(sds_step(denoiser, image, config, views, generator), args.reps)
             t_enc = median_time(encoder_only, args.reps)
         print(f"{kind:<9}{size:>6}²{latents.shape[-1]:>7}²{t_plain * 1e3:>13.0f}{t_enc * 1e3:>15.0f}"
               f"{t_sds * 1e3:>16.0f}{t_sds / t_plain:>8.2f}{(t_sds - t_plain - t_enc) * 1e3:>12.0f}")
-        denoiser = model = vae = loaded = None  # free this model before loading the next
+        denoiser = None  # free this model before loading the next
     return 0
 
 

@@ -53,3 +53,49 @@ def import_pack(name: str = "comfyui_mpod3d_bench") -> str:
 def pack_module(relative: str):
     """A module of the pack, e.g. ``pack_module("nodes.comfy_bridge.diffusion")``."""
     return importlib.import_module(f"{import_pack()}.{relative}")
+
+
+def comfy_denoiser(kind: str, path, size: int):
+    """The pack's ComfyUI denoiser for a checkpoint loaded as the loader nodes load it, with what an
+    SDS step passes it: ``(denoiser, views, guidance scale)``. SD 1.5: ``ComfyTextDenoiser`` on the
+    prompt "a DSLR photo of a wooden chair", no negative, scale 100; Stable Zero123:
+    ``ComfyZero123Denoiser`` on a random ``size``² reference, one view, scale 3. Call
+    :func:`start_comfyui` first."""
+    import torch
+    import comfy.sd
+
+    diffusion = pack_module("nodes.comfy_bridge.diffusion")
+    guidance = pack_module("mpod_core.guidance")
+    torch.set_grad_enabled(True)
+    with torch.inference_mode():  # as ComfyUI's loader nodes run
+        if kind == "sd15":
+            model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True,
+                                                                     output_clip=True)[:3]
+            cond, pooled = clip.encode_from_tokens(clip.tokenize("a DSLR photo of a wooden chair"),
+                                                   return_pooled=True)
+            positive = [[cond, {"pooled_output": pooled}]]
+        else:
+            out = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=False,
+                                                        output_clipvision=True)
+            model, clip_vision, vae = out[0], out[3], out[2]
+    if kind == "sd15":
+        return diffusion.ComfyTextDenoiser(model, vae, positive, None), None, 100.0
+    reference = torch.rand(1, size, size, 3)
+    views = guidance.ViewCondition(torch.tensor([15.0]), torch.tensor([60.0]), torch.tensor([2.5]))
+    return diffusion.ComfyZero123Denoiser(model, clip_vision, vae, reference), views, 3.0
+
+
+def sds_step(denoiser, image, config, views=None, generator=None):
+    """A call that takes one SDS step as the loops do (``sds_image_loss``: encode with the VAE's graph,
+    guided noise prediction, loss) on a fresh leaf copy of ``image`` (1, 3, H, W) and backpropagates it
+    to the pixels."""
+    import torch
+
+    guidance = pack_module("mpod_core.guidance")
+
+    def step():
+        pixels = image.clone().requires_grad_(True)
+        guidance.sds_image_loss(pixels, denoiser, config, 0, views, generator).loss.backward()
+        assert torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0
+
+    return step
