@@ -155,7 +155,7 @@ def main(argv=None) -> int:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; median of {args.reps} after a warm-up; "
           f"load average {os.getloadavg()[0]:.1f}")
-    refine = bench_refine([int(s) for s in args.sizes.split(",")], {int(s) for s in args.memory.split(",")},
+    refine = bench_refine([int(s) for s in args.sizes.split(",")], {int(s) for s in args.memory.split(",") if s.strip()},
                           args.cells, args.reps)
     stage1 = bench_stage1_iteration(args.reps)
     if GUIDANCE in refine:
