@@ -138,6 +138,20 @@ def scene_objects(scene: trimesh.Scene, name: str = "scene") -> list[SceneMesh]:
     return [item for *_, item in sorted(out, key=lambda t: t[:2])]
 
 
+def mesh_list(values: Sequence, what: str = "meshes") -> list[trimesh.Trimesh]:
+    """A node's mesh input as a flat list of meshes: each connected value checked (``None`` skipped),
+    and a single Scene standing for its objects (each moved to its place in the scene).
+
+    Raises:
+        MeshError: a value is not a mesh (named by its position, as ``what: object_01``).
+    """
+    meshes = [m for m in values if m is not None]
+    if len(meshes) == 1 and isinstance(meshes[0], trimesh.Scene):
+        return [obj.mesh.copy().apply_transform(obj.transform) for obj in scene_objects(meshes[0], what)]
+    names = object_names(None, len(meshes))
+    return [check_mesh(m, f"{what}: {names[i]}") for i, m in enumerate(meshes)]
+
+
 def _unique_names(names: Sequence[str], reserved: Sequence[str] = ()) -> list[str]:
     """``names`` with repeats (and ``reserved`` ones) suffixed _2, _3, ... to make them unique."""
     taken = set(reserved)

@@ -12,6 +12,7 @@ MESH_CATEGORY = f"{CATEGORY}/mesh"
 GUIDANCE_CATEGORY = f"{CATEGORY}/guidance"
 MPOD123_CATEGORY = f"{CATEGORY}/mpod123"
 REPARO_CATEGORY = f"{CATEGORY}/reparo"
+THEMESTATION_CATEGORY = f"{CATEGORY}/themestation"
 
 #: node id -> display name shown in ComfyUI's menus and on the node.
 NODE_DISPLAY_NAMES = {
@@ -37,6 +38,7 @@ NODE_DISPLAY_NAMES = {
     "MPOD3D_DMTetRefine": "DMTet Refine",
     "MPOD3D_SaveDMTetState": "Save DMTet State",
     "MPOD3D_LoadDMTetState": "Load DMTet State",
+    "MPOD3D_RenderExemplars": "Render Exemplars",
 }
 
 #: node id -> menu category.
@@ -52,6 +54,7 @@ NODE_CATEGORIES = {
                                                  "MPOD3D_LoadDMTetState")},
     **{node_id: REPARO_CATEGORY for node_id in ("MPOD3D_CropObjects", "MPOD3D_OTLayoutAlign", "MPOD3D_LoadSAM",
                                                 "MPOD3D_SAMSegmentObjects")},
+    "MPOD3D_RenderExemplars": THEMESTATION_CATEGORY,
 }
 
 #: Custom type name of meshes travelling between nodes (trimesh.Trimesh objects, or a

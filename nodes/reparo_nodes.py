@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import torch
-import trimesh
 from comfy_api.latest import io
 
 from ..mpod_core import mesh as meshlib
@@ -15,7 +14,7 @@ from ..mpod_core.configdoc import config_from_values
 from ..mpod_core.pipelines.reparo import ReferenceView, place_objects, placed_outputs, semantic_reference
 from . import comfy_bridge as bridge
 from .schema import (RENDER_BACKEND_TOOLTIP, RENDER_BACKENDS, Trimesh, backend_input, check_backend, check_image,
-                     check_masks, config_input, loss_map_output, node_schema)
+                     check_masks, config_input, loss_map_output, node_schema, single_value)
 
 
 class CropObjects(io.ComfyNode):
@@ -64,25 +63,6 @@ class CropObjects(io.ComfyNode):
         crops, crop_masks = crops.cpu(), crop_masks.cpu()
         return io.NodeOutput(crops, crop_masks, json.dumps([b.to_dict() for b in boxes]),
                              list(crops.split(1)), list(crop_masks.split(1)))
-
-
-def _single(value, name: str):
-    """The one value of a list input (the node takes lists because of its mesh input)."""
-    if isinstance(value, list):
-        if len(value) != 1:
-            raise ValueError(f"{name}: expected one value, got a list of {len(value)}; only the meshes may be a list")
-        return value[0]
-    return value
-
-
-def _meshes(values) -> list:
-    """The meshes input as a flat list; a single Scene stands for its objects (each moved to its place)."""
-    meshes = [m for m in values if m is not None]
-    if len(meshes) == 1 and isinstance(meshes[0], trimesh.Scene):
-        return [obj.mesh.copy().apply_transform(obj.transform)
-                for obj in meshlib.scene_objects(meshes[0], "meshes")]
-    names = meshlib.object_names(None, len(meshes))
-    return [meshlib.check_mesh(m, f"OT Layout Align: meshes: {names[i]}") for i, m in enumerate(meshes)]
 
 
 class OTLayoutAlign(io.ComfyNode):
@@ -138,11 +118,11 @@ class OTLayoutAlign(io.ComfyNode):
     @classmethod
     def execute(cls, image, masks, meshes, **kwargs) -> io.NodeOutput:
         node = "OT Layout Align"
-        args = {k: _single(v, k) for k, v in kwargs.items()}
-        image = check_image(_single(image, "image"), node)
+        args = {k: single_value(v, k, node) for k, v in kwargs.items()}
+        image = check_image(single_value(image, "image", node), node)
         reference = image[0, ..., :3].float()
-        masks = check_masks(_single(masks, "masks"), node, size=reference.shape[:2])
-        meshes = _meshes(meshes)
+        masks = check_masks(single_value(masks, "masks", node), node, size=reference.shape[:2])
+        meshes = meshlib.mesh_list(meshes, "OT Layout Align: meshes")
         depth = args.pop("depth", None)
         if depth is not None:
             depth = check_image(depth, node, "depth")[0, ..., :3].float().mean(-1)

@@ -84,6 +84,21 @@ def config_input(cls: type, name: str, tooltip: str = "", **overrides) -> io.Inp
     return io.Float.Input(name, **{**kw, **overrides})
 
 
+def single_value(value, name: str, node: str):
+    """The one value of an input of a node declared ``is_input_list`` (for its meshes): ComfyUI then hands
+    every input as a list.
+
+    Raises:
+        ValueError: a list of more than one value, naming the node and the input.
+    """
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise ValueError(f"{node}: {name}: expected one value, got a list of {len(value)}; only the meshes "
+                             "may be a list")
+        return value[0]
+    return value
+
+
 def backend_input(tooltip: str) -> io.Combo.Input:
     """The ``backend`` widget: auto, torch or cuda (the library each node's cuda means is in ``tooltip``)."""
     return io.Combo.Input("backend", options=list(BACKEND_CHOICES), default="auto", tooltip=tooltip)
