@@ -87,8 +87,8 @@ class ExemplarRenders:
 
 
 def exemplar_angles(config: ExemplarConfig, meshes: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(M, V) integer elevations drawn from one generator seeded with ``config.seed``, and (V,) azimuths
-    ``i · 360 / V``."""
+    """(M, V) integer elevations drawn row by row from one generator seeded with ``config.seed`` (mesh k's
+    do not change when meshes are added after it), and (V,) azimuths ``i · 360 / V``."""
     generator = torch.Generator().manual_seed(int(config.seed))
     elevations = torch.randint(int(config.elevation_min), int(config.elevation_max) + 1, (meshes, config.views),
                                generator=generator).to(torch.float64)

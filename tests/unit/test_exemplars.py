@@ -63,6 +63,7 @@ def test_cameras_are_the_official_ones_and_seeded():
     assert int(elev.min()) >= -5 and int(elev.max()) <= 30 and len(set(elev.flatten().tolist())) > 15
     assert not torch.equal(elev[0], elev[1])                                  # each mesh its own draw
     assert torch.equal(exemplar_angles(ExemplarConfig(seed=7), 3)[0], elev)
+    assert torch.equal(exemplar_angles(ExemplarConfig(seed=7), 1)[0], elev[:1])   # adding meshes keeps the first's
     assert not torch.equal(exemplar_angles(ExemplarConfig(seed=8), 3)[0], elev)
     assert torch.equal(exemplar_angles(ExemplarConfig(views=4), 1)[1], torch.tensor([0.0, 90.0, 180.0, 270.0],
                                                                                     dtype=torch.float64))
