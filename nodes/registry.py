@@ -39,6 +39,7 @@ NODE_DISPLAY_NAMES = {
     "MPOD3D_SaveDMTetState": "Save DMTet State",
     "MPOD3D_LoadDMTetState": "Load DMTet State",
     "MPOD3D_RenderExemplars": "Render Exemplars",
+    "MPOD3D_ThemeFinetune": "Theme Finetune",
 }
 
 #: node id -> menu category.
@@ -55,6 +56,7 @@ NODE_CATEGORIES = {
     **{node_id: REPARO_CATEGORY for node_id in ("MPOD3D_CropObjects", "MPOD3D_OTLayoutAlign", "MPOD3D_LoadSAM",
                                                 "MPOD3D_SAMSegmentObjects")},
     "MPOD3D_RenderExemplars": THEMESTATION_CATEGORY,
+    "MPOD3D_ThemeFinetune": THEMESTATION_CATEGORY,
 }
 
 #: Custom type name of meshes travelling between nodes (trimesh.Trimesh objects, or a

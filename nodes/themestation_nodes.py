@@ -1,14 +1,28 @@
-"""ThemeStation nodes: Render Exemplars (the reference prior's training images and captions)."""
+"""ThemeStation nodes: Render Exemplars (the priors' training images and captions) and Theme Finetune
+(the reference and concept priors, as LoRAs)."""
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
+import torch
 from comfy_api.latest import io
+
+import folder_paths
 
 from ..mpod_core import mesh as meshlib
 from ..mpod_core.configdoc import config_from_values
 from ..mpod_core.exemplars import MAX_EXEMPLAR_PIXELS, ExemplarConfig, render_exemplars
 from . import comfy_bridge as bridge
-from .schema import (RENDER_BACKEND_TOOLTIP, RENDER_BACKENDS, Trimesh, backend_input, check_backend, config_input,
-                     node_schema, single_value)
+from ..mpod_core.guidance.embedding_io import check_model_name
+from ..mpod_core.guidance.lora import save_lora
+from ..mpod_core.guidance.textual_inversion import MAX_PASS_PIXELS
+from ..mpod_core.guidance.theme_finetune import (ThemeFinetuneConfig, settings_metadata, split_captions,
+                                                 train_theme_lora)
+from .schema import (RENDER_BACKEND_TOOLTIP, RENDER_BACKENDS, Trimesh, backend_input, check_backend, check_image,
+                     config_input, loss_map_output, node_schema, single_value)
+
+log = logging.getLogger(__name__)
 
 NODE_TITLE = "Render Exemplars"
 
@@ -72,4 +86,122 @@ class RenderExemplars(io.ComfyNode):
         return io.NodeOutput(out.images, "\n".join(out.captions))
 
 
-NODES = [RenderExemplars]
+FINETUNE_TITLE = "Theme Finetune"
+#: The config fields shown as widgets, in this order (saved workflows store widget values by position).
+FINETUNE_WIDGETS = ("steps", "learning_rate", "rank", "alpha", "train_text_encoder", "resolution", "batch_size",
+                    "micro_batch", "seed")
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin", ".pth")
+
+
+def loras_folder() -> Path:
+    """ComfyUI's first ``loras`` folder (where core Load LoRA lists files)."""
+    return Path(folder_paths.get_folder_paths("loras")[0])
+
+
+def check_lora_name(name: str) -> str:
+    """A LoRA file name without suffix, directly in models/loras (no path characters)."""
+    return check_model_name(name, "lora_name", "loras", LORA_SUFFIXES, "LoRA")
+
+
+class ThemeFinetune(io.ComfyNode):
+    """ThemeStation's reference / concept prior: a LoRA trained with DreamBooth's loss, saved as a standard LoRA."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return node_schema(
+            "MPOD3D_ThemeFinetune",
+            description="ThemeStation's theme priors (paper §3.1-3.2): fine-tune the MODEL on captioned images with "
+                        "DreamBooth's loss (eps- or v-MSE, the model's own target, at uniform timesteps), as a LoRA "
+                        "on the UNet's attention and, optionally, the text encoder's. Reference prior: the "
+                        "exemplars' renders from Render Exemplars, 150 steps; concept prior: the concept image plus "
+                        "renders of the initial model, 300 steps. Saves models/loras/NAME.safetensors (core Load "
+                        "LoRA reads it) and outputs the MODEL and CLIP with it applied, exactly as Load LoRA would. "
+                        "SD 1.x/2.x checkpoints. The official code fine-tunes the whole model at lr 2e-6; a LoRA at "
+                        "1e-4 is the cheaper deviation. On a 2-core CPU one 512^2 image costs about a minute per "
+                        "step (bench/bench_theme_finetune.py): lower resolution, batch and steps there.",
+            inputs=[
+                io.Model.Input("model", tooltip="SD 1.x/2.x MODEL from Load Checkpoint (not modified: the LoRA goes "
+                                                "onto a copy)."),
+                io.Clip.Input("clip", tooltip="The same checkpoint's CLIP (encodes the captions; not modified)."),
+                io.Vae.Input("vae", tooltip="The same checkpoint's VAE (encodes the training images once)."),
+                io.Image.Input("images", tooltip="Training images (Render Exemplars' output, or a batch of your own). "
+                                                 "Non-square images are centre-cropped; a 4-channel IMAGE is "
+                                                 "composited on white by its alpha."),
+                io.String.Input("captions", force_input=True,
+                                tooltip="One caption per image, one per line, in the images' order (Render "
+                                        "Exemplars' captions output)."),
+                io.String.Input("lora_name", default="theme_reference_prior",
+                                tooltip="File name in models/loras (letters, digits, _ - .; .safetensors is added)."),
+                *(config_input(ThemeFinetuneConfig, name) for name in FINETUNE_WIDGETS),
+                io.Boolean.Input("resume", default=False,
+                                 tooltip="If models/loras/NAME.safetensors exists, continue training it ('steps' "
+                                         "more; its rank and alpha are kept) and overwrite it. Off: an existing "
+                                         "NAME is an error, never overwritten. A Load LoRA node that already read "
+                                         "NAME in this session keeps its cached copy until its file name changes."),
+            ],
+            outputs=[
+                io.Model.Output("model", display_name="MODEL", tooltip="The MODEL with the trained LoRA applied."),
+                io.Clip.Output("clip", display_name="CLIP",
+                               tooltip="The CLIP with the LoRA's text-encoder part applied (unchanged when "
+                                       "train_text_encoder is off)."),
+                io.String.Output("lora", display_name="lora_name",
+                                 tooltip="The saved file's name in models/loras (what Load LoRA lists)."),
+                loss_map_output(),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod  # named arguments only: with **kwargs ComfyUI skips its own range/option checks of every input
+    def validate_inputs(cls, lora_name, resolution, batch_size, micro_batch) -> bool | str:
+        if lora_name is not None:
+            try:
+                check_lora_name(lora_name)
+            except ValueError as exc:
+                return str(exc)
+        if resolution is not None and resolution % 8:
+            return f"resolution: {resolution} is not a multiple of 8 (latents are 1/8 of the image)"
+        if batch_size is not None and micro_batch is not None and micro_batch > batch_size:
+            return f"micro_batch: {micro_batch} is larger than batch_size {batch_size}"
+        if resolution is not None and micro_batch is not None and micro_batch * resolution ** 2 > MAX_PASS_PIXELS:
+            return (f"micro_batch x resolution^2 = {micro_batch * resolution ** 2} exceeds {MAX_PASS_PIXELS} (one "
+                    "512^2 image per forward/backward pass, the UNet backward's memory): lower micro_batch or "
+                    "resolution")
+        return True
+
+    @classmethod
+    def execute(cls, model, clip, vae, images, captions, lora_name, resume, **widgets) -> io.NodeOutput:
+        name = check_lora_name(lora_name)
+        check_image(images, FINETUNE_TITLE, "images")
+        lines = split_captions(captions, images.shape[0])
+        config = ThemeFinetuneConfig(**widgets)
+        config.validate()
+        path = loras_folder() / f"{name}.safetensors"
+        existing = [p for p in (loras_folder() / f"{name}{suffix}" for suffix in LORA_SUFFIXES) if p.is_file()]
+        if existing and not (resume and path.is_file()):
+            raise ValueError(f"lora_name: {existing[0]} already exists; turn 'resume' on to continue training it, or "
+                             "choose another name (an existing LoRA is never overwritten otherwise)")
+        initial = None
+        if resume and path.is_file():
+            from safetensors.torch import load_file
+            initial = load_file(str(path), device="cpu")
+            log.info("%s: resuming from %s", FINETUNE_TITLE, path)
+        from .comfy_bridge.theme_finetune import ComfyFinetuneModel, patched_models
+        pixels = images[..., :3].float()
+        if images.shape[-1] == 4:  # on white, as Render Exemplars' renders
+            alpha = images[..., 3:].float()
+            pixels = pixels * alpha + (1 - alpha)
+        with torch.inference_mode(False), torch.enable_grad():
+            try:
+                trainer = ComfyFinetuneModel(model, clip, vae)
+                result = train_theme_lora(pixels.movedim(-1, 1).clone(), lines, trainer, config, initial=initial,
+                                          progress=bridge.Progress(max(1, config.steps)))
+            except ValueError as exc:
+                raise ValueError(f"{FINETUNE_TITLE}: {exc}") from None
+            result.lora.remove()
+            save_lora(path, result.lora, settings_metadata(config, result.lora, resumed=initial is not None))
+            del trainer
+        new_model, new_clip = patched_models(model, clip, path)
+        return io.NodeOutput(new_model, new_clip, path.name, result.loss_map)
+
+
+NODES = [RenderExemplars, ThemeFinetune]

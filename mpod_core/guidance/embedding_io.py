@@ -29,8 +29,8 @@ EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 
-def check_embedding_name(name: str, input_name: str = "embedding_name") -> str:
-    """``name`` if it can be a file in the embeddings folder and a word of a prompt.
+def check_model_name(name: str, input_name: str, folder: str, suffixes: tuple, what: str) -> str:
+    """``name`` if it can be a file (without suffix) directly in ComfyUI's ``folder`` and a word of a prompt.
 
     Letters, digits, ``_``, ``-`` and ``.`` only (no ``..``), not starting with ``.`` or ``-``:
     ComfyUI's tokenizer ends an ``embedding:NAME`` at whitespace, its prompt parser reads
@@ -40,16 +40,25 @@ def check_embedding_name(name: str, input_name: str = "embedding_name") -> str:
         ValueError: naming ``input_name`` and the rule broken.
     """
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"{input_name}: empty; give the embedding a name (letters, digits, _ - .)")
+        raise ValueError(f"{input_name}: empty; give the {what} a name (letters, digits, _ - .)")
     if "/" in name or "\\" in name or ".." in name:
         raise ValueError(f"{input_name}: {name!r} contains a path ('/', '\\' or '..'); give a plain name, the file "
-                         "goes to ComfyUI's models/embeddings folder")
+                         f"goes to ComfyUI's models/{folder} folder")
     if not _NAME.match(name):
-        raise ValueError(f"{input_name}: {name!r} may contain only letters, digits, '_', '-' and '.' (not first), "
-                         "so that 'embedding:NAME' reads back as one word in a prompt")
-    if name.lower().endswith(EMBEDDING_SUFFIXES):
+        raise ValueError(f"{input_name}: {name!r} may contain only letters, digits, '_', '-' and '.' (not first)")
+    if name.lower().endswith(tuple(suffixes)):
         raise ValueError(f"{input_name}: {name!r}: leave out the file suffix (.safetensors is added)")
     return name
+
+
+def check_embedding_name(name: str, input_name: str = "embedding_name") -> str:
+    """``name`` if it can be an embedding file and a word of a prompt (:func:`check_model_name`), so that
+    'embedding:NAME' reads back as one word.
+
+    Raises:
+        ValueError: naming ``input_name`` and the rule broken.
+    """
+    return check_model_name(name, input_name, "embeddings", EMBEDDING_SUFFIXES, "embedding")
 
 
 def save_embedding(path: Union[str, Path], embedding: torch.Tensor) -> Path:

@@ -30,39 +30,16 @@ from mpod_core.guidance.textual_inversion import (IMAGENET_TEMPLATES, TextualInv
                                                   diffusion_target, refine_prompt, train_textual_inversion,
                                                   training_batch)
 from mpod_core.guidance.textual_inversion_diffusers import DiffusersTextualInversionModel  # noqa: E402
+from harness.tiny_sd import DIM, ddpm_scheduler, tiny_models, vocabulary, word_tokenizer  # noqa: E402
 
-WORDS = sorted({w for t in IMAGENET_TEMPLATES for w in t.replace("{}", "").split()} | {"cat", "dog", "hot", "dog"})
-SPECIAL = {"<bos>": 0, "<eos>": 1, "<pad>": 2}
-VOCAB = {**SPECIAL, **{w: i + len(SPECIAL) for i, w in enumerate(WORDS)}}
-DIM = 32
-
-
-def _tokenize(text: str):
-    """Word-level: one token per known word; an unknown word is split into its letters' count of
-    tokens (so "hotdog" is several tokens, like a rare word in CLIP's BPE)."""
-    ids = []
-    for w in text.lower().split():
-        ids += [VOCAB[w]] if w in VOCAB else [VOCAB["a"]] * len(w)
-    return ids
+WORDS = {w for t in IMAGENET_TEMPLATES for w in t.replace("{}", "").split()} | {"cat", "dog", "hot"}
+VOCAB = vocabulary(WORDS)
+_tokenize = word_tokenizer(VOCAB)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=DIM, attention_head_dim=4, norm_num_groups=4)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 8, 16), latent_channels=4,
-        norm_num_groups=4, layers_per_block=1, sample_size=32)
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=len(VOCAB), hidden_size=DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=2))
-    for m in (unet, vae, text):
-        m.eval().requires_grad_(False)
-    return unet, vae, text
+    return tiny_models(len(VOCAB))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -76,8 +53,7 @@ def one_thread():
 
 def _model(tiny, prediction_type="epsilon"):
     unet, vae, text = tiny
-    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                                        beta_end=0.012, prediction_type=prediction_type)
+    scheduler = ddpm_scheduler(prediction_type)
     return DiffusersTextualInversionModel(unet, vae, text, scheduler, _tokenize, bos=0, eos=1, pad=2)
 
 
@@ -212,8 +188,7 @@ def test_progress_previews_and_interrupt(tiny):
 def test_v_prediction_target(tiny):
     x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     abar = torch.tensor([0.9, 0.2]).reshape(2, 1, 1, 1)
-    sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                                    beta_end=0.012, prediction_type="v_prediction")
+    sched = ddpm_scheduler("v_prediction")
     t = torch.tensor([100, 800])
     abar = sched.alphas_cumprod[t].reshape(2, 1, 1, 1)
     torch.testing.assert_close(diffusion_target("v", x0, eps, abar), sched.get_velocity(x0, eps, t))
