@@ -265,6 +265,9 @@ def train_theme_lora(images: torch.Tensor, captions: Sequence[str], model: Finet
                     context = model.encode_text([captions[k] for k in idx.tolist()])
                 loss = dreambooth_loss(model, latents[idx.to(latents.device)], context, t[i:j], noise[i:j],
                                        abar_all) * ((j - i) / b)  # the chunk's share of the batch mean
+                if not loss.requires_grad:
+                    raise RuntimeError("the loss does not depend on the LoRA factors: the model's lora_targets are "
+                                       "not layers its forward uses")
                 loss.backward()
                 total += float(loss.detach())
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
