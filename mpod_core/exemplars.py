@@ -52,6 +52,10 @@ class ExemplarConfig:
     """What the exemplars are, for the captions ("a 3d model of {object}, …")."""
     token: str = "sks"
     """The theme's rare token (official: "sks"), for "…, in the style of {token}"."""
+    caption: str = "a 3d model of {object}, in the style of {token}"
+    """Caption of the colour renders, {object} and {token} filled in; the normal maps' adds ", normal map"
+    (official reference prior). The concept prior's renders of the initial model use
+    "a 3d model of {token} {object}" (official)."""
     seed: int = field(default=0, metadata=limits(0, 2 ** 63 - 1))
     """Seed of the elevations."""
 
@@ -66,10 +70,15 @@ class ExemplarConfig:
                              f"[{self.elevation_min}, {self.elevation_max}]")
         if not (self.distance > 0 and 0 < self.fov < 180):
             raise ValueError(f"distance must be > 0 and fov in (0, 180), got {self.distance}, {self.fov}")
-        for name in ("object", "token"):
+        for name in ("object", "token", "caption"):
             text = getattr(self, name)
             if not text.strip() or "\n" in text or "\r" in text:
                 raise ValueError(f"{name} must be one line of text, not empty, got {text!r}")
+        try:
+            self.caption.format(object="", token="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"caption: {self.caption!r} may hold only {{object}} and {{token}} as fields "
+                             f"({type(exc).__name__}: {exc})") from None
 
 
 @dataclass
@@ -98,7 +107,7 @@ def exemplar_angles(config: ExemplarConfig, meshes: int) -> Tuple[torch.Tensor, 
 
 def exemplar_captions(config: ExemplarConfig, views: int) -> List[str]:
     """The 2V captions of one mesh: V colour captions, then V normal-map captions."""
-    colour = f"a 3d model of {config.object.strip()}, in the style of {config.token.strip()}"
+    colour = config.caption.strip().format(object=config.object.strip(), token=config.token.strip())
     return [colour] * views + [f"{colour}, normal map"] * views
 
 

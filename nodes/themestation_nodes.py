@@ -38,8 +38,8 @@ class RenderExemplars(io.ComfyNode):
                         "each exemplar mesh, normalised to a unit box, rendered from `views` cameras (azimuth "
                         "i x 360/views, elevation a seeded random integer in [elevation_min, elevation_max], "
                         "distance 1.5, fov 49.1) on white, as a colour image and a normal map ((n+1)/2 of the "
-                        "smooth world normals, y up), with one caption per image: \"a 3d model of {object}, in the "
-                        "style of {token}\" and \"..., normal map\". Images come per mesh: its colour renders, "
+                        "smooth world normals, y up), with one caption per image: `caption` (default \"a 3d model of "
+                        "{object}, in the style of {token}\") and \"..., normal map\". Images come per mesh: its colour renders, "
                         "then its normal maps; captions are one per line, line i for image i.",
             is_input_list=True,
             inputs=[
@@ -47,7 +47,7 @@ class RenderExemplars(io.ComfyNode):
                                                 "scene (each object is one exemplar)."),
                 *(config_input(ExemplarConfig, name) for name in ("views", "resolution", "elevation_min",
                                                                   "elevation_max", "distance", "fov", "object",
-                                                                  "token", "seed")),
+                                                                  "token", "caption", "seed")),
                 backend_input(RENDER_BACKEND_TOOLTIP),
             ],
             outputs=[
@@ -140,8 +140,8 @@ class ThemeFinetune(io.ComfyNode):
                                          "NAME in this session keeps its cached copy until its file name changes."),
             ],
             outputs=[
-                io.Model.Output("model", display_name="MODEL", tooltip="The MODEL with the trained LoRA applied."),
-                io.Clip.Output("clip", display_name="CLIP",
+                io.Model.Output("lora_model", display_name="MODEL", tooltip="The MODEL with the trained LoRA applied."),
+                io.Clip.Output("lora_clip", display_name="CLIP",
                                tooltip="The CLIP with the LoRA's text-encoder part applied (unchanged when "
                                        "train_text_encoder is off)."),
                 io.String.Output("lora", display_name="lora_name",

@@ -82,7 +82,7 @@ class ThemeFinetuneConfig:
     the official full fine-tune uses 2e-6, far too small for LoRA factors that start at zero)."""
     weight_decay: float = field(default=1e-2, metadata=limits(0.0, 1.0, 1e-3))
     """AdamW weight decay (train_dreambooth.py --adam_weight_decay default 1e-2)."""
-    rank: int = field(default=4, metadata=limits(1, 256))
+    rank: int = field(default=4, metadata=limits(1, 1024))
     """LoRA rank of every adapted layer (REFERENCE.md: rank 4-8; ThemeStation's own LoRA score copies use 4)."""
     alpha: float = field(default=4.0, metadata=limits(0.01, 1024.0, 0.5))
     """LoRA alpha: the update is scaled by alpha / rank (diffusers' train_dreambooth_lora.py sets alpha = rank,

@@ -6,7 +6,7 @@ import torch
 import trimesh
 
 from mpod_core.cameras import get_rays, orbit_cameras
-from mpod_core.exemplars import (MAX_EXEMPLAR_PIXELS, ExemplarConfig, exemplar_angles, render_exemplars,
+from mpod_core.exemplars import (MAX_EXEMPLAR_PIXELS, ExemplarConfig, exemplar_angles, exemplar_captions, render_exemplars,
                                  smooth_vertex_normals)
 
 
@@ -98,6 +98,14 @@ def test_captions_are_in_step_with_the_images():
     # The normal maps are the colourful ones (an uncoloured mesh renders grey).
     spread = (out.images.amax(-1) - out.images.amin(-1)).amax((1, 2))
     assert all((float(s) > 0.2) == c.endswith("normal map") for s, c in zip(spread, out.captions))
+
+
+def test_caption_template_for_the_concept_prior():
+    config = ExemplarConfig(views=2, object="chair", token="sks", caption="a 3d model of {token} {object}")
+    assert exemplar_captions(config, 2) == ["a 3d model of sks chair"] * 2 + ["a 3d model of sks chair, normal map"] * 2
+    for bad in ("a 3d model of {thing}", "a {} model", "two\nlines", "{object"):
+        with pytest.raises(ValueError, match="caption"):
+            ExemplarConfig(caption=bad).validate()
 
 
 def test_bad_input_is_named():
