@@ -25,8 +25,8 @@ from .mesh import MeshLike, mesh_to_tensors, normalize_mesh
 from .progress import ProgressFn
 from .render import render_mesh
 
-__all__ = ["ExemplarConfig", "ExemplarRenders", "exemplar_angles", "exemplar_captions", "smooth_vertex_normals",
-           "render_exemplars", "MAX_EXEMPLAR_PIXELS"]
+__all__ = ["ExemplarConfig", "ExemplarRenders", "exemplar_angles", "exemplar_captions", "images_per_view",
+           "smooth_vertex_normals", "render_exemplars", "MAX_EXEMPLAR_PIXELS"]
 
 #: Most output pixels of one call (colour + normal images of every mesh): 2^26 is 1.5 GiB of float32 RGB.
 MAX_EXEMPLAR_PIXELS = 2 ** 26
@@ -56,6 +56,9 @@ class ExemplarConfig:
     """Caption of the colour renders, {object} and {token} filled in; the normal maps' adds ", normal map"
     (official reference prior). The concept prior's renders of the initial model use
     "a 3d model of {token} {object}" (official)."""
+    normal_maps: bool = True
+    """Also render a normal map of each view (official reference prior: colour and normal renders; the concept
+    prior trains on colour renders of the initial model only)."""
     seed: int = field(default=0, metadata=limits(0, 2 ** 63 - 1))
     """Seed of the elevations."""
 
@@ -106,9 +109,14 @@ def exemplar_angles(config: ExemplarConfig, meshes: int) -> Tuple[torch.Tensor, 
 
 
 def exemplar_captions(config: ExemplarConfig, views: int) -> List[str]:
-    """The 2V captions of one mesh: V colour captions, then V normal-map captions."""
+    """The captions of one mesh: V colour captions, then (``normal_maps``) V normal-map captions."""
     colour = config.caption.strip().format(object=config.object.strip(), token=config.token.strip())
-    return [colour] * views + [f"{colour}, normal map"] * views
+    return [colour] * views + ([f"{colour}, normal map"] * views if config.normal_maps else [])
+
+
+def images_per_view(config: ExemplarConfig) -> int:
+    """2 with normal maps, else 1."""
+    return 2 if config.normal_maps else 1
 
 
 def smooth_vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
@@ -123,16 +131,18 @@ def smooth_vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.
 
 
 def _check_pixels(config: ExemplarConfig, meshes: int) -> None:
-    pixels = meshes * 2 * config.views * config.resolution ** 2
+    per_view = images_per_view(config)
+    pixels = meshes * per_view * config.views * config.resolution ** 2
     if pixels > MAX_EXEMPLAR_PIXELS:
-        raise ValueError(f"{meshes} meshes x {config.views} views x 2 images x {config.resolution}^2 = {pixels} "
+        raise ValueError(f"{meshes} meshes x {config.views} views x {per_view} images x {config.resolution}^2 = "
+                         f"{pixels} "
                          f"pixels exceed {MAX_EXEMPLAR_PIXELS}, the most the output images may hold in memory; "
                          "lower views or resolution, or render the exemplars in several nodes")
 
 
 def render_exemplars(meshes: Sequence[MeshLike], config: ExemplarConfig, *, device=None, backend: str = "auto",
                      antialias: bool = True, progress: Optional[ProgressFn] = None) -> ExemplarRenders:
-    """Colour renders and normal maps of every mesh (each normalised to the unit box) with captions.
+    """Colour renders and (``normal_maps``) normal maps of every mesh (each normalised to the unit box) with captions.
 
     Args:
         meshes: M >= 1 meshes (a Scene counts as one mesh, flattened).
@@ -152,7 +162,7 @@ def render_exemplars(meshes: Sequence[MeshLike], config: ExemplarConfig, *, devi
     res, views = config.resolution, config.views
     elevations, azimuths = exemplar_angles(config, len(meshes))
     white = (1.0, 1.0, 1.0)
-    total, done = 2 * views * len(meshes), 0
+    total, done = images_per_view(config) * views * len(meshes), 0
     images: List[torch.Tensor] = []
     captions: List[str] = []
     for k, mesh in enumerate(meshes):
@@ -167,6 +177,11 @@ def render_exemplars(meshes: Sequence[MeshLike], config: ExemplarConfig, *, devi
                                  texture=t.texture, background=white, antialias=antialias, backend=backend,
                                  progress=step)
             done += views
+        images.append(colour.color.clamp(0, 1).cpu())
+        captions += exemplar_captions(config, views)
+        if not config.normal_maps:
+            continue
+        with torch.no_grad():
             normals = smooth_vertex_normals(t.vertices, t.faces)
             # Interpolated (n + 1) / 2 over black is alpha · (n + 1) / 2; undo both, renormalise, then over white.
             shaded = render_mesh(t.vertices, t.faces, cams, res, res, vertex_colors=(normals + 1) / 2,
@@ -176,6 +191,5 @@ def render_exemplars(meshes: Sequence[MeshLike], config: ExemplarConfig, *, devi
             alpha = shaded.alpha[..., None]
             n = F.normalize(shaded.color / alpha.clamp_min(1e-6) * 2 - 1, dim=-1, eps=1e-12)
             normal_map = torch.where(alpha > 0, alpha * (n + 1) / 2 + (1 - alpha), torch.ones_like(n))
-        images += [colour.color.clamp(0, 1).cpu(), normal_map.clamp(0, 1).cpu()]
-        captions += exemplar_captions(config, views)
+        images.append(normal_map.clamp(0, 1).cpu())
     return ExemplarRenders(images=torch.cat(images), captions=captions, elevations=elevations, azimuths=azimuths)

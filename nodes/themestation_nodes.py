@@ -12,7 +12,7 @@ import folder_paths
 
 from ..mpod_core import mesh as meshlib
 from ..mpod_core.configdoc import config_from_values
-from ..mpod_core.exemplars import MAX_EXEMPLAR_PIXELS, ExemplarConfig, render_exemplars
+from ..mpod_core.exemplars import MAX_EXEMPLAR_PIXELS, ExemplarConfig, images_per_view, render_exemplars
 from . import comfy_bridge as bridge
 from ..mpod_core.guidance.embedding_io import check_model_name
 from ..mpod_core.guidance.lora import save_lora
@@ -34,25 +34,26 @@ class RenderExemplars(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return node_schema(
             "MPOD3D_RenderExemplars",
-            description="ThemeStation's training data for the reference prior (paper §3, the official renders): "
-                        "each exemplar mesh, normalised to a unit box, rendered from `views` cameras (azimuth "
-                        "i x 360/views, elevation a seeded random integer in [elevation_min, elevation_max], "
-                        "distance 1.5, fov 49.1) on white, as a colour image and a normal map ((n+1)/2 of the "
-                        "smooth world normals, y up), with one caption per image: `caption` (default \"a 3d model of "
-                        "{object}, in the style of {token}\") and \"..., normal map\". Images come per mesh: its colour renders, "
-                        "then its normal maps; captions are one per line, line i for image i.",
+            description="ThemeStation's training data for its priors (paper §3, the official renders): each "
+                        "exemplar mesh, normalised to a unit box, rendered from `views` cameras (azimuth i x "
+                        "360/views, elevation a seeded random integer in [elevation_min, elevation_max], distance "
+                        "1.5, fov 49.1) on white, as a colour image and (normal_maps) a normal map ((n+1)/2 of the "
+                        "smooth world normals, y up), with one caption per image: `caption` (default \"a 3d model "
+                        "of {object}, in the style of {token}\") and \"..., normal map\". Images come per mesh: its "
+                        "colour renders, then its normal maps; captions are one per line, line i for image i.",
             is_input_list=True,
             inputs=[
                 Trimesh.Input("meshes", tooltip="The exemplars: one mesh, a Mesh List (all go into one batch) or a "
                                                 "scene (each object is one exemplar)."),
                 *(config_input(ExemplarConfig, name) for name in ("views", "resolution", "elevation_min",
                                                                   "elevation_max", "distance", "fov", "object",
-                                                                  "token", "caption", "seed")),
+                                                                  "token", "caption", "normal_maps", "seed")),
                 backend_input(RENDER_BACKEND_TOOLTIP),
             ],
             outputs=[
                 io.Image.Output("images", display_name="images",
-                                tooltip="Per mesh: `views` colour renders, then `views` normal maps, on white."),
+                                tooltip="Per mesh: `views` colour renders, then (normal_maps) `views` normal maps, "
+                                        "on white."),
                 io.String.Output("captions", display_name="captions",
                                  tooltip="One caption per image, one per line, in the images' order (what Theme "
                                          "Finetune reads)."),
@@ -60,14 +61,16 @@ class RenderExemplars(io.ComfyNode):
         )
 
     @classmethod  # named arguments only: with **kwargs ComfyUI skips its own range/option checks of every input
-    def validate_inputs(cls, views, resolution) -> bool | str:
+    def validate_inputs(cls, views, resolution, normal_maps) -> bool | str:
         try:
-            pixels = 2 * int(single_value(views, "views", NODE_TITLE)) * int(single_value(resolution, "resolution", NODE_TITLE)) ** 2
+            per_view = 1 if single_value(normal_maps, "normal_maps", NODE_TITLE) is False else 2
+            pixels = per_view * int(single_value(views, "views", NODE_TITLE)) \
+                * int(single_value(resolution, "resolution", NODE_TITLE)) ** 2
         except (TypeError, ValueError):  # linked (None here): reported when the node runs
             return True
         if pixels > MAX_EXEMPLAR_PIXELS:
-            return (f"{NODE_TITLE}: 2 x views x resolution^2 = {pixels} exceeds {MAX_EXEMPLAR_PIXELS} per mesh, the "
-                    "most the output images may hold in memory; lower views or resolution")
+            return (f"{NODE_TITLE}: {per_view} x views x resolution^2 = {pixels} exceeds {MAX_EXEMPLAR_PIXELS} per "
+                    "mesh, the most the output images may hold in memory; lower views or resolution")
         return True
 
     @classmethod
@@ -80,7 +83,7 @@ class RenderExemplars(io.ComfyNode):
             raise ValueError(f"{NODE_TITLE}: meshes: no exemplar mesh connected (one mesh, a Mesh List or a scene)")
         try:
             out = render_exemplars(meshes, config, device=bridge.torch_device(), backend=backend,
-                                   progress=bridge.Progress(2 * config.views * len(meshes)))
+                                   progress=bridge.Progress(images_per_view(config) * config.views * len(meshes)))
         except ValueError as exc:
             raise ValueError(f"{NODE_TITLE}: {exc}") from None
         return io.NodeOutput(out.images, "\n".join(out.captions))

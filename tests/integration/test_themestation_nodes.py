@@ -9,7 +9,7 @@ from PIL import Image
 NODE = "MPOD3D_RenderExemplars"
 WIDGETS = {"views": 2, "resolution": 32, "elevation_min": -5, "elevation_max": 30, "distance": 1.5, "fov": 49.1,
            "object": "chair", "token": "sks", "caption": "a 3d model of {object}, in the style of {token}",
-           "seed": 0, "backend": "auto"}
+           "normal_maps": True, "seed": 0, "backend": "auto"}
 
 
 def _upload_meshes(server, tmp_path) -> list[str]:

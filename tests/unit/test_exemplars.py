@@ -1,13 +1,15 @@
 """ThemeStation's exemplar renders (mpod_core.exemplars): a sphere's normal map against the analytic
 (n + 1) / 2, the official cameras, the unit-box normalisation, captions in step with the images."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 import trimesh
 
 from mpod_core.cameras import get_rays, orbit_cameras
-from mpod_core.exemplars import (MAX_EXEMPLAR_PIXELS, ExemplarConfig, exemplar_angles, exemplar_captions, render_exemplars,
-                                 smooth_vertex_normals)
+from mpod_core.exemplars import (MAX_EXEMPLAR_PIXELS, ExemplarConfig, exemplar_angles, exemplar_captions,
+                                 render_exemplars, smooth_vertex_normals)
 
 
 def _sphere(subdivisions=5, radius=3.0, centre=(10.0, -4.0, 2.0)):
@@ -103,6 +105,9 @@ def test_captions_are_in_step_with_the_images():
 def test_caption_template_for_the_concept_prior():
     config = ExemplarConfig(views=2, object="chair", token="sks", caption="a 3d model of {token} {object}")
     assert exemplar_captions(config, 2) == ["a 3d model of sks chair"] * 2 + ["a 3d model of sks chair, normal map"] * 2
+    colour_only = render_exemplars([trimesh.creation.box()], dataclasses.replace(config, normal_maps=False,
+                                                                                resolution=16), backend="torch")
+    assert colour_only.images.shape == (2, 16, 16, 3) and colour_only.captions == ["a 3d model of sks chair"] * 2
     for bad in ("a 3d model of {thing}", "a {} model", "two\nlines", "{object"):
         with pytest.raises(ValueError, match="caption"):
             ExemplarConfig(caption=bad).validate()
