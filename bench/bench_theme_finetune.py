@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import os
 import re
 import statistics
 import sys
@@ -105,8 +106,9 @@ def wrapped_modules(model) -> list:
 
 def add_core_wrappers(mp, rank, only=None):
     """core Train LoRA's adapter set-up (``TrainLoraNode.execute``, float32, new LoRA): a ``LoraDiff`` on every
-    >= 2-D weight, a ``BiasDiff`` on every other weight and every bias, of the modules named in ``only``
-    (all when None). Returns the trainable parameters."""
+    >= 2-D weight and a ``BiasDiff`` on every other weight of the modules named in ``only``; when ``only`` is
+    None, of all modules, with a ``BiasDiff`` on every bias too, as the node does. Returns the trainable
+    parameters."""
     import torch
     from comfy.weight_adapter import adapter_maps
     from comfy_extras.nodes_train import BiasDiff
@@ -197,6 +199,7 @@ def main(argv=None) -> int:
 
     bridge = pack_module("nodes.comfy_bridge.theme_finetune")
     core = pack_module("mpod_core.guidance.theme_finetune")
+    targets = pack_module("mpod_core.guidance.theme_finetune_diffusers")
 
     t0 = time.perf_counter()
     with torch.inference_mode():  # as ComfyUI's loader nodes run
@@ -207,27 +210,47 @@ def main(argv=None) -> int:
           f"warm-up; batch 1, LoRA rank {RANK}; UNet {model.model.get_dtype()}; checkpoint load {load:.1f} s")
     images = {s: torch.rand(1, 3, s, s, generator=torch.Generator().manual_seed(0)) for s in sizes}
     rows = {s: {} for s in sizes}
-
-    for size in sizes:
-        lat = size // 8
-        x = torch.randn(1, 4, lat, lat)
-        sigma = model.model.model_sampling.sigmas[torch.tensor([500])].float()
-
-        def plain():
-            with torch.no_grad():
-                model.model.apply_model(x, sigma, c_crossattn=context)
-
-        rows[size]["plain"] = median_time(plain, args.reps)
-
+    setups, peer_loads = [], []
     with torch.inference_mode(False), torch.enable_grad():
-        t0 = time.perf_counter()
-        ours = bridge.ComfyFinetuneModel(model, clip, vae)
-        setup = time.perf_counter() - t0
-        unet_layers = sorted(ours.lora_targets(False))
-        print(f"ours: adapter set-up (load + float32 copies of UNet and text encoder) {setup:.1f} s; "
-              f"{len(unet_layers)} UNet layers, {len(ours.lora_targets(True)) - len(unet_layers)} text encoder layers")
-        latents = {}
+        context_grad = context.clone()  # the node's conditioning, cloned outside inference mode (process_cond_list)
+        unet_layers = set(targets.linear_targets(model.model.diffusion_model, targets.UNET_TARGETS,
+                                                 "diffusion_model."))
+        # core's mechanism with wrappers on the attention layers only, on inference-mode weights: it fails.
+        mp = model.clone()
+        params = add_core_wrappers(mp, RANK, unet_layers)
+        mp.model.requires_grad_(False)
+        comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
+        try:
+            core_train(mp, params, torch.randn(1, 4, sizes[0] // 8, sizes[0] // 8), context_grad, 1, lambda *a: None)
+            failure = "ran"
+        except RuntimeError as exc:
+            failure = f"RuntimeError: {str(exc).splitlines()[0]}"
+        finally:
+            release(mp)
+            del mp, params
+        left = wrapped_modules(model)
+        assert not left, f"weight wrappers left on the shared model: {left[:3]}"
+        print(f"peer, wrappers on the {len(unet_layers)} attention layers only, weights loaded under inference "
+              f"mode: {failure}")
+
+        # Per size, one block: plain, ours (fresh adapter), peer (fresh second load), so that a change of the
+        # machine's load hits the three alike; only one of ours' copies and the peer's load is in memory.
         for size in sizes:
+            lat = size // 8
+            x = torch.randn(1, 4, lat, lat)
+            sigma = model.model.model_sampling.sigmas[torch.tensor([500])].float()
+
+            def plain():
+                with torch.no_grad():
+                    model.model.apply_model(x, sigma, c_crossattn=context)
+
+            rows[size]["plain"] = median_time(plain, args.reps)
+            rows[size]["load"] = [os.getloadavg()[0]]
+
+            t0 = time.perf_counter()
+            ours = bridge.ComfyFinetuneModel(model, clip, vae)
+            setups.append(time.perf_counter() - t0)
+            assert set(ours.lora_targets(False)) == unet_layers
             for text in (True, False):
                 config = core.ThemeFinetuneConfig(steps=1 + args.reps, batch_size=1, resolution=size, rank=RANK,
                                                   alpha=float(RANK), train_text_encoder=text)
@@ -236,43 +259,31 @@ def main(argv=None) -> int:
                 result.lora.remove()
                 del result
                 rows[size]["ours_te" if text else "ours"] = probe.result()
-            latents[size] = ours.encode_images(images[size]).float()
-        del ours
-        gc.collect()
+                rows[size]["load"].append(os.getloadavg()[0])
+            text_layers = len(ours.lora_targets(True)) - len(unet_layers)
+            latent = ours.encode_images(images[size]).float()
+            del ours
+            gc.collect()
 
-        # The node's conditioning, cloned outside inference mode (process_cond_list).
-        context_grad = context.clone()
-        # core's mechanism with wrappers on the attention layers only, on inference-mode weights: it fails.
-        mp = model.clone()
-        params = add_core_wrappers(mp, RANK, set(unet_layers))
-        mp.model.requires_grad_(False)
-        comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
-        try:
-            core_train(mp, params, latents[sizes[0]], context_grad, 1, lambda *a: None)
-            failure = "ran"
-        except RuntimeError as exc:
-            failure = f"RuntimeError: {str(exc).splitlines()[0]}"
-        finally:
-            release(mp)
-            del mp, params
-        print(f"peer, wrappers on the {len(unet_layers)} attention layers only, weights loaded under inference "
-              f"mode: {failure}")
+            if args.core_all:
+                rows[size]["core_all"] = run_peer(model.clone(), None, latent, context_grad, args.reps)
+                rows[size]["load"].append(os.getloadavg()[0])
+                left = wrapped_modules(model)
+                assert not left, f"weight wrappers left on the shared model: {left[:3]}"
 
-        if args.core_all:
-            for size in sizes:
-                rows[size]["core_all"] = run_peer(model.clone(), None, latents[size], context_grad, args.reps)
-        left = wrapped_modules(model)
-        assert not left, f"weight wrappers left on the shared model: {left[:3]}"
+            t0 = time.perf_counter()
+            peer_model = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=False)[0]
+            peer_loads.append(time.perf_counter() - t0)
+            rows[size]["peer"] = run_peer(peer_model.clone(), unet_layers, latent, context_grad, args.reps)
+            rows[size]["load"].append(os.getloadavg()[0])
+            left = wrapped_modules(peer_model) + wrapped_modules(model)
+            assert not left, f"weight wrappers left after the peer: {left[:3]}"
+            del peer_model
+            gc.collect()
 
-        t0 = time.perf_counter()
-        peer_model = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=False)[0]
-        print(f"peer: checkpoint loaded again under inference_mode(False) in {time.perf_counter() - t0:.1f} s")
-        for size in sizes:
-            rows[size]["peer"] = run_peer(peer_model.clone(), set(unet_layers), latents[size], context_grad,
-                                          args.reps)
-        left = wrapped_modules(peer_model) + wrapped_modules(model)
-        assert not left, f"weight wrappers left after the peer: {left[:3]}"
-
+    print(f"ours: adapter set-up (float32 copies of UNet and text encoder) {min(setups):.1f} s; LoRA on "
+          f"{len(unet_layers)} UNet layers (+{text_layers} text encoder layers with TE); peer: UNet loaded again "
+          f"under inference_mode(False) in {min(peer_loads):.1f} s, LoRA on the same {len(unet_layers)} UNet layers")
     print("step: seconds per training step; /plain: against the plain forward; peak: RSS growth (MiB)")
     head = (f"{'image':>6}{'latent':>8}{'plain fwd':>11}"
             f"{'ours+TE':>9}{'/plain':>8}{'peak':>7}"
@@ -292,6 +303,8 @@ def main(argv=None) -> int:
         if args.core_all:
             line += f"{r['core_all'][0]:>10.2f}{r['core_all'][1]:>7.0f}"
         print(line)
+    print("1-min load average after each measurement (plain, ours+TE, ours, " + ("core all, " if args.core_all else "")
+          + "peer): " + "; ".join(f"{s}²: " + ", ".join(f"{v:.1f}" for v in rows[s]["load"]) for s in sizes))
     return 0
 
 

@@ -120,8 +120,10 @@ class ThemeFinetune(io.ComfyNode):
                         "renders of the initial model, 300 steps. Saves models/loras/NAME.safetensors (core Load "
                         "LoRA reads it) and outputs the MODEL and CLIP with it applied, exactly as Load LoRA would. "
                         "SD 1.x/2.x checkpoints. The official code fine-tunes the whole model at lr 2e-6; a LoRA at "
-                        "1e-4 is the cheaper deviation. On a 2-core CPU one 512^2 image costs about a minute per "
-                        "step (bench/bench_theme_finetune.py): lower resolution, batch and steps there.",
+                        "1e-4 is the cheaper deviation. Measured on a 2-core CPU (bench/bench_theme_finetune.py): "
+                        "one 512^2 image costs ~37 s per step (2.9x a UNet forward), one 256^2 image ~9 s, so "
+                        "the defaults (150 steps x 8 images at 512^2) take ~12 h there: lower resolution, "
+                        "batch_size and steps on a CPU.",
             inputs=[
                 io.Model.Input("model", tooltip="SD 1.x/2.x MODEL from Load Checkpoint (not modified: the LoRA goes "
                                                 "onto a copy)."),
