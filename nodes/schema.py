@@ -138,3 +138,17 @@ def check_masks(masks, node: str, name: str = "masks", size: Optional[tuple] = N
         raise ValueError(f"{node}: {name}: mask size {masks.shape[2]}x{masks.shape[1]} does not match the image "
                          f"size {size[1]}x{size[0]}")
     return masks
+
+
+def training_batch_error(resolution, batch_size, micro_batch, max_pixels: int):
+    """What is wrong with a training node's image-batch widgets, or None (ComfyUI's ``validate_inputs``:
+    linked inputs arrive as None and are skipped). ``max_pixels``: the most one forward/backward pass
+    may hold (``micro_batch x resolution^2``)."""
+    if resolution is not None and resolution % 8:
+        return f"resolution: {resolution} is not a multiple of 8 (latents are 1/8 of the image)"
+    if batch_size is not None and micro_batch is not None and micro_batch > batch_size:
+        return f"micro_batch: {micro_batch} is larger than batch_size {batch_size}"
+    if resolution is not None and micro_batch is not None and micro_batch * resolution ** 2 > max_pixels:
+        return (f"micro_batch x resolution^2 = {micro_batch * resolution ** 2} exceeds {max_pixels} (one 512^2 "
+                "image per forward/backward pass, the UNet backward's memory): lower micro_batch or resolution")
+    return None

@@ -11,7 +11,7 @@ import folder_paths
 from ..mpod_core.guidance.embedding_io import check_embedding_name, find_embedding_file, load_embedding, save_embedding
 from ..mpod_core.guidance.textual_inversion import MAX_PASS_PIXELS, TextualInversionConfig, refine_prompt, train_textual_inversion
 from . import comfy_bridge as bridge
-from .schema import check_image, check_masks, config_input, loss_map_output, node_schema
+from .schema import check_image, check_masks, config_input, loss_map_output, node_schema, training_batch_error
 
 NODE_ID = "MPOD3D_TextualInversion"
 log = logging.getLogger(__name__)
@@ -82,14 +82,7 @@ class TextualInversion(io.ComfyNode):
                     check(value)
                 except ValueError as exc:
                     return str(exc)
-        if resolution is not None and resolution % 8:
-            return f"resolution: {resolution} is not a multiple of 8 (latents are 1/8 of the image)"
-        if batch_size is not None and micro_batch is not None and micro_batch > batch_size:
-            return f"micro_batch: {micro_batch} is larger than batch_size {batch_size}"
-        if resolution is not None and micro_batch is not None and micro_batch * resolution ** 2 > MAX_PASS_PIXELS:
-            return (f"micro_batch x resolution^2 = {micro_batch * resolution ** 2} exceeds {MAX_PASS_PIXELS} (one 512^2 "
-                    "image per forward/backward pass, the UNet backward's memory): lower micro_batch or resolution")
-        return True
+        return training_batch_error(resolution, batch_size, micro_batch, MAX_PASS_PIXELS) or True
 
     @classmethod
     def execute(cls, model, clip, vae, image, embedding_name, initializer_word, steps, learning_rate, resolution,

@@ -20,7 +20,8 @@ from ..mpod_core.guidance.textual_inversion import MAX_PASS_PIXELS
 from ..mpod_core.guidance.theme_finetune import (ThemeFinetuneConfig, settings_metadata, split_captions,
                                                  train_theme_lora)
 from .schema import (RENDER_BACKEND_TOOLTIP, RENDER_BACKENDS, Trimesh, backend_input, check_backend, check_image,
-                     config_input, loss_map_output, node_schema, single_value)
+                     config_input, loss_map_output, node_schema, single_value,
+                     training_batch_error)
 
 log = logging.getLogger(__name__)
 
@@ -163,15 +164,7 @@ class ThemeFinetune(io.ComfyNode):
                 check_lora_name(lora_name)
             except ValueError as exc:
                 return str(exc)
-        if resolution is not None and resolution % 8:
-            return f"resolution: {resolution} is not a multiple of 8 (latents are 1/8 of the image)"
-        if batch_size is not None and micro_batch is not None and micro_batch > batch_size:
-            return f"micro_batch: {micro_batch} is larger than batch_size {batch_size}"
-        if resolution is not None and micro_batch is not None and micro_batch * resolution ** 2 > MAX_PASS_PIXELS:
-            return (f"micro_batch x resolution^2 = {micro_batch * resolution ** 2} exceeds {MAX_PASS_PIXELS} (one "
-                    "512^2 image per forward/backward pass, the UNet backward's memory): lower micro_batch or "
-                    "resolution")
-        return True
+        return training_batch_error(resolution, batch_size, micro_batch, MAX_PASS_PIXELS) or True
 
     @classmethod
     def execute(cls, model, clip, vae, images, captions, lora_name, resume, **widgets) -> io.NodeOutput:

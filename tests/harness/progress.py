@@ -73,3 +73,20 @@ def interrupt_after(server, prompt: dict, node_id: str, steps: int, timeout: flo
         stopped_after = time.monotonic() - t_int
         done = max(p["value"] for _, p in watch.progress_of(node_id))
         return entry, done, stopped_after, watch.preview_count()
+
+
+def assert_cancel_leaves_no_file(server, prompt: dict, node_id: str, total: int, folder, stem: str) -> None:
+    """Cancel ``prompt`` after ``node_id``'s first progress message; the run must end interrupted before
+    ``total`` steps with no ``folder/stem*`` file and no temporary ``.*part`` left."""
+    from .comfy_server import ExecutionError
+
+    entry, done, stopped_after, _ = interrupt_after(server, prompt, node_id, steps=1)
+    try:
+        server.raise_for_status(entry)
+    except ExecutionError as exc:
+        assert exc.interrupted, exc
+    else:
+        raise AssertionError("the run was not interrupted")
+    assert done < total
+    assert not list(folder.glob(f"{stem}*")) and not list(folder.glob(".*part"))
+    print(f"\ninterrupted after {done} steps, stopped {stopped_after:.1f} s later")

@@ -17,43 +17,24 @@ text encoder for training ~10 s, loading the checkpoint in the subprocess ~10 s.
 """
 from __future__ import annotations
 
-import json
-import subprocess
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from harness.comfy_server import ExecutionError
-from harness.paths import REPO_ROOT
-from harness.progress import interrupt_after
+from harness.inprocess import run_script
+from harness.progress import assert_cancel_leaves_no_file
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
 TI = "MPOD3D_TextualInversion"
 
 ADAPTER_SCRIPT = r'''
-import importlib.util, json, sys, time, hashlib, copy, types
-import torch
-COMFY, REPO, SD15, EMB_DIR = sys.argv[1:5]
-sys.path.insert(0, COMFY)
-sys.argv = [sys.argv[0], "--cpu"]
-import comfy.options; comfy.options.enable_args_parsing()
-spec = importlib.util.spec_from_file_location("mpod3d_pack", REPO + "/__init__.py", submodule_search_locations=[REPO])
-pack = importlib.util.module_from_spec(spec); sys.modules["mpod3d_pack"] = pack; spec.loader.exec_module(pack)
-import comfy.sd, comfy.model_base
+EMB_DIR = WORK_DIR
 from mpod3d_pack.nodes.comfy_bridge.textual_inversion import ComfyTextualInversionModel
 from mpod3d_pack.mpod_core.guidance.textual_inversion import (REFINE_TEMPLATE, TextualInversionConfig, refine_prompt,
                                                               train_textual_inversion, cosine)
 from mpod3d_pack.mpod_core.guidance.embedding_io import save_embedding, load_embedding
-res = {}
-
-def digest(module):
-    h = {}
-    for k, v in module.state_dict().items():
-        h[k] = hashlib.blake2b(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().data,
-                               digest_size=16).hexdigest()
-    return h
 
 t0 = time.perf_counter()
 with torch.inference_mode():
@@ -102,36 +83,20 @@ res["cond_std"] = float(core_emb.std())
 res["unet_unchanged"] = digest(m.model) == before_unet
 res["clip_unchanged"] = digest(clip.cond_stage_model) == before_clip
 # bad inputs
-errors = {}
-def err(name, fn):
-    try:
-        fn(); errors[name] = None
-    except ValueError as e:
-        errors[name] = str(e)
+res["errors"] = errors = refusals(ComfyTextualInversionModel, m, clip, vae)
 with torch.inference_mode(False):
-    err("multi_token", lambda: ti.token_embedding("ironmanxyzzy"))
-    sdxl = copy.copy(m); sdxl.model = copy.copy(m.model); sdxl.model.__class__ = comfy.model_base.SDXL
-    err("sdxl", lambda: ComfyTextualInversionModel(sdxl, clip, vae))
-    flow = copy.copy(m); flow.model = copy.copy(m.model); flow.model.model_type = comfy.model_base.ModelType.FLOW
-    err("flow", lambda: ComfyTextualInversionModel(flow, clip, vae))
-    err("clip", lambda: ComfyTextualInversionModel(m, types.SimpleNamespace(cond_stage_model=object()), vae))
-res["errors"] = errors
+    try:
+        ti.token_embedding("ironmanxyzzy"); errors["multi_token"] = None
+    except ValueError as e:
+        errors["multi_token"] = str(e)
 print("RESULT " + json.dumps(res))
 '''
 
 
 def test_adapter_trains_only_the_token_and_matches_clip_text_encode(comfy_server, sd15_checkpoint, tmp_path):
-    script = tmp_path / "ti.py"
-    script.write_text(ADAPTER_SCRIPT)
     emb_dir = tmp_path / "embeddings"
     emb_dir.mkdir()
-    ckpt = (comfy_server.models_dir / "checkpoints" / sd15_checkpoint).resolve()
-    proc = subprocess.run([comfy_server.python, str(script), str(comfy_server.comfyui_dir), str(REPO_ROOT), str(ckpt),
-                           str(emb_dir)], capture_output=True, text=True, timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-6000:]
-    res = json.loads(lines[-1][len("RESULT "):])
-    print(json.dumps(res, indent=1))
+    res = run_script(comfy_server, ADAPTER_SCRIPT, sd15_checkpoint, emb_dir)
     assert res["unet_unchanged"] and res["clip_unchanged"]
     assert res["moved"] > 1e-3 and all(l > 0 for l in res["loss"])  # the gradient reached the token
     assert res["cond_std"] > 0.1
@@ -201,14 +166,7 @@ def test_node_resumes_from_magic123_bin_and_clip_text_encode_reads_the_file(comf
 
 def test_interrupt_leaves_no_file(comfy_server, sd15_checkpoint):
     name = "ti_interrupted"
-    prompt = _ti_prompt(sd15_checkpoint, name, steps=500, text_encode=False)
-    entry, done, stopped_after, _ = interrupt_after(comfy_server, prompt, "4", steps=1)
-    with pytest.raises(ExecutionError) as info:
-        comfy_server.raise_for_status(entry)
-    assert info.value.interrupted and done < 500
-    folder = _embeddings(comfy_server)
-    assert not list(folder.glob(f"{name}*")) and not list(folder.glob(".*part"))
-    print(f"\ninterrupted after {done} steps, stopped {stopped_after:.1f} s later")
+    assert_cancel_leaves_no_file(comfy_server, _ti_prompt(sd15_checkpoint, name, steps=500, text_encode=False), "4", 500, _embeddings(comfy_server), name)
 
 
 @pytest.mark.parametrize("widgets,needle", [

@@ -20,39 +20,25 @@ and text encoder ~2.5 s, loading the checkpoint in the subprocess ~3 s.
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 from safetensors import safe_open
 
 from harness.comfy_server import ExecutionError
-from harness.paths import REPO_ROOT
-from harness.progress import interrupt_after
+from harness.inprocess import run_script
+from harness.progress import assert_cancel_leaves_no_file
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
 TF = "MPOD3D_ThemeFinetune"
 
 ADAPTER_SCRIPT = r'''
-import importlib.util, json, sys, time, hashlib, copy, types
-from pathlib import Path
-import torch
-COMFY, REPO, SD15, LORA_DIR = sys.argv[1:5]
-sys.path.insert(0, COMFY)
-sys.argv = [sys.argv[0], "--cpu", "--fp32-text-enc"]
-import comfy.options; comfy.options.enable_args_parsing()
-spec = importlib.util.spec_from_file_location("mpod3d_pack", REPO + "/__init__.py", submodule_search_locations=[REPO])
-pack = importlib.util.module_from_spec(spec); sys.modules["mpod3d_pack"] = pack; spec.loader.exec_module(pack)
-import comfy.sd, comfy.model_base, comfy.model_management
+LORA_DIR = WORK_DIR
+import comfy.model_management
 import nodes as core_nodes
 from mpod3d_pack.nodes.comfy_bridge.theme_finetune import ComfyFinetuneModel, patched_models
 from mpod3d_pack.mpod_core.guidance.theme_finetune import ThemeFinetuneConfig, train_theme_lora, fixed_loss
 from mpod3d_pack.mpod_core.guidance.lora import save_lora
-res = {}
-
-def digest(module):
-    return {k: hashlib.blake2b(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().data,
-                               digest_size=16).hexdigest() for k, v in module.state_dict().items()}
 
 t0 = time.perf_counter()
 with torch.inference_mode():
@@ -114,19 +100,7 @@ res["ctx_moved"] = float((ctx_core - ctx_base).abs().max())
 res["zero_identical"] = bool(torch.equal(eps_zero, eps_base) and torch.equal(ctx_zero, ctx_base))
 res["unet_unchanged"] = digest(m.model) == before_unet
 res["clip_unchanged"] = digest(clip.cond_stage_model) == before_clip
-errors = {}
-def err(name, fn):
-    try:
-        fn(); errors[name] = None
-    except ValueError as e:
-        errors[name] = str(e)
-with torch.inference_mode(False):
-    sdxl = copy.copy(m); sdxl.model = copy.copy(m.model); sdxl.model.__class__ = comfy.model_base.SDXL
-    err("sdxl", lambda: ComfyFinetuneModel(sdxl, clip, vae))
-    flow = copy.copy(m); flow.model = copy.copy(m.model); flow.model.model_type = comfy.model_base.ModelType.FLOW
-    err("flow", lambda: ComfyFinetuneModel(flow, clip, vae))
-    err("clip", lambda: ComfyFinetuneModel(m, types.SimpleNamespace(cond_stage_model=object()), vae))
-res["errors"] = errors
+res["errors"] = refusals(ComfyFinetuneModel, m, clip, vae)
 print("RESULT " + json.dumps(res))
 '''
 
@@ -135,15 +109,9 @@ STEPS = 8
 
 
 def test_adapter_trains_a_lora_that_core_load_lora_reproduces(comfy_server, sd15_checkpoint, tmp_path):
-    script = tmp_path / "tf.py"
-    script.write_text(ADAPTER_SCRIPT.replace("STEPS", str(STEPS)))
-    ckpt = (comfy_server.models_dir / "checkpoints" / sd15_checkpoint).resolve()
-    proc = subprocess.run([comfy_server.python, str(script), str(comfy_server.comfyui_dir), str(REPO_ROOT), str(ckpt),
-                           str(tmp_path)], capture_output=True, text=True, timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-6000:]
-    res = json.loads(lines[-1][len("RESULT "):])
-    print(json.dumps(res, indent=1))
+    # float32 text encoder: ComfyUI stores it in float16 by default, and Load LoRA rounds merged weights to it
+    res = run_script(comfy_server, ADAPTER_SCRIPT.replace("STEPS", str(STEPS)), sd15_checkpoint, tmp_path,
+                     comfy_args=["--fp32-text-enc"])
     assert res["targets"] == [128, 128 + 12 * 4]  # 16 transformer blocks x 2 attentions x 4; 12 CLIP layers x 4
     assert res["after"] <= 0.5 * res["before"], (res["before"], res["after"])
     assert res["unet_unchanged"] and res["clip_unchanged"]
@@ -241,14 +209,7 @@ def test_bad_inputs_are_errors_naming_the_input(comfy_server, sd15_checkpoint):
 
 def test_interrupt_leaves_no_file(comfy_server, sd15_checkpoint):
     name = "tf_interrupted"
-    entry, done, stopped_after, _ = interrupt_after(comfy_server, _tf_prompt(sd15_checkpoint, name, steps=500), "4",
-                                                    steps=1)
-    with pytest.raises(ExecutionError) as info:
-        comfy_server.raise_for_status(entry)
-    assert info.value.interrupted and done < 500
-    folder = _loras(comfy_server)
-    assert not list(folder.glob(f"{name}*")) and not list(folder.glob(".*part"))
-    print(f"\ninterrupted after {done} steps, stopped {stopped_after:.1f} s later")
+    assert_cancel_leaves_no_file(comfy_server, _tf_prompt(sd15_checkpoint, name, steps=500), "4", 500, _loras(comfy_server), name)
 
 
 @pytest.mark.parametrize("widgets,needle", [

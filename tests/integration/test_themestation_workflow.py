@@ -40,12 +40,21 @@ def test_bundled_themestation_priors_workflow_runs_end_to_end(comfy_server, sd15
     assert api[exemplars]["inputs"]["views"] == 30 and api[exemplars]["inputs"]["caption"] == \
         "a 3d model of {object}, in the style of {token}"
     assert api[initial]["inputs"]["caption"] == "a 3d model of {token} {object}"
-    # the concept prior trains on the concept image (VAE Decode of the reference prior's sample) + the renders
+    assert api[initial]["inputs"]["views"] == 20  # paper §4: the concept image and 20 augmented views
+    # the concept prior trains on the concept image (the reference prior's sample) + the img2img-augmented renders
     batch = api[api[concept]["inputs"]["images"][0]]
-    assert batch["class_type"] == "ImageBatch" and api[batch["inputs"]["image1"][0]]["class_type"] == "VAEDecode"
-    assert batch["inputs"]["image2"][0] == initial
-    sampler = next(n for n in api.values() if n["class_type"] == "KSampler")
-    assert sampler["inputs"]["model"][0] == reference
+    assert batch["class_type"] == "ImageBatch"
+
+    def sampler_of(image_input):
+        decode = api[image_input[0]]
+        assert decode["class_type"] == "VAEDecode"
+        return api[decode["inputs"]["samples"][0]]
+
+    concept_sampler, augment_sampler = sampler_of(batch["inputs"]["image1"]), sampler_of(batch["inputs"]["image2"])
+    assert concept_sampler["inputs"]["model"][0] == reference and concept_sampler["inputs"]["denoise"] == 1.0
+    assert augment_sampler["inputs"]["model"][0] == reference and augment_sampler["inputs"]["denoise"] == 0.5
+    encode = api[augment_sampler["inputs"]["latent_image"][0]]
+    assert encode["class_type"] == "VAEEncode" and encode["inputs"]["pixels"][0] == initial
 
     names = {}
     for key, node in api.items():

@@ -20,6 +20,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 from harness.tiny_sd import ddpm_scheduler, tiny_models, vocabulary, word_tokenizer  # noqa: E402
 from mpod_core.configdoc import field_docs  # noqa: E402
@@ -38,15 +39,6 @@ RES = 32
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_models(len(VOCAB))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run 5-50x faster on one thread than on two when the other core is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model(tiny, prediction_type="epsilon"):
