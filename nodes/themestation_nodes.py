@@ -174,9 +174,11 @@ class ThemeFinetune(io.ComfyNode):
         config = ThemeFinetuneConfig(**widgets)
         config.validate()
         path = loras_folder() / f"{name}.safetensors"
-        existing = [p for p in (loras_folder() / f"{name}{suffix}" for suffix in LORA_SUFFIXES) if p.is_file()]
-        if existing and not (resume and path.is_file()):
-            raise ValueError(f"lora_name: {existing[0]} already exists; turn 'resume' on to continue training it, or "
+        others = [p for p in (loras_folder() / f"{name}{suffix}" for suffix in LORA_SUFFIXES[1:]) if p.is_file()]
+        if others:  # Load LoRA would list both; resume reads only what this node writes
+            raise ValueError(f"lora_name: {others[0]} already exists in another format; choose another name")
+        if path.is_file() and not resume:
+            raise ValueError(f"lora_name: {path} already exists; turn 'resume' on to continue training it, or "
                              "choose another name (an existing LoRA is never overwritten otherwise)")
         initial = None
         if resume and path.is_file():

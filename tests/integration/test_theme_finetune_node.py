@@ -205,6 +205,15 @@ def test_bad_inputs_are_errors_naming_the_input(comfy_server, sd15_checkpoint):
             comfy_server.run(_tf_prompt(sd15_checkpoint, "tf_bad", **widgets), timeout=300)
         assert info.value.node_type == TF and needle in info.value.exception_message, info.value.exception_message
     assert not list(_loras(comfy_server).glob("tf_bad*"))
+    other = _loras(comfy_server) / "tf_other.pt"  # a LoRA of the same name in another format
+    other.write_bytes(b"not ours")
+    try:
+        with pytest.raises(ExecutionError) as info:
+            comfy_server.run(_tf_prompt(sd15_checkpoint, "tf_other", resume=True), timeout=300)
+        assert "in another format" in info.value.exception_message
+        assert not (_loras(comfy_server) / "tf_other.safetensors").exists()
+    finally:
+        other.unlink()
 
 
 def test_interrupt_leaves_no_file(comfy_server, sd15_checkpoint):
