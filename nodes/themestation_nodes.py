@@ -194,7 +194,7 @@ class ThemeFinetune(io.ComfyNode):
             try:
                 trainer = ComfyFinetuneModel(model, clip, vae)
                 result = train_theme_lora(pixels.movedim(-1, 1).clone(), lines, trainer, config, initial=initial,
-                                          progress=bridge.Progress(max(1, config.steps)))
+                                          progress=bridge.Progress(max(1, config.steps)), status=bridge.node_text)
             except ValueError as exc:
                 raise ValueError(f"{FINETUNE_TITLE}: {exc}") from None
             result.lora.remove()

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Protocol, Sequence, runtime_checkable
+from typing import Callable, Dict, List, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -203,7 +203,8 @@ def dreambooth_loss(model: FinetuneModel, latents: torch.Tensor, context: torch.
 
 def train_theme_lora(images: torch.Tensor, captions: Sequence[str], model: FinetuneModel,
                      config: ThemeFinetuneConfig, initial: Optional[Mapping[str, torch.Tensor]] = None,
-                     progress: Optional[ProgressFn] = None) -> ThemeFinetuneResult:
+                     progress: Optional[ProgressFn] = None,
+                     status: Optional[Callable[[str], None]] = None) -> ThemeFinetuneResult:
     """Train a LoRA on ``model`` with DreamBooth's loss on captioned images (module docstring).
 
     Args:
@@ -214,6 +215,7 @@ def train_theme_lora(images: torch.Tensor, captions: Sequence[str], model: Finet
         initial: a LoRA file's tensors to continue training (its rank and alpha win over the config's).
         progress: ``progress(step, total, preview)`` after each step; it may raise to stop the run
             (the adapters are then removed from the model).
+        status: ``status(text)`` after each step with the step and its loss ("step 3/150  loss 0.1234").
 
     Returns:
         :class:`ThemeFinetuneResult`, the adapters still hooked in.
@@ -277,6 +279,8 @@ def train_theme_lora(images: torch.Tensor, captions: Sequence[str], model: Finet
             show = last or (step + 1) % config.preview_every == 0
             if show:
                 log.info("theme finetune step %d/%d: loss %.5g", step + 1, config.steps, total)
+            if status is not None:
+                status(f"step {step + 1}/{config.steps}  loss {total:.4g}")
             if progress is not None:
                 progress(step + 1, config.steps, squares[int(pick[0])].permute(1, 2, 0).cpu() if show else None)
     except BaseException:

@@ -315,3 +315,17 @@ class Progress:
 
 
 ProgressCallback = Callable[[int, int, Optional[torch.Tensor]], None]
+
+
+def node_text(text: str) -> None:
+    """Show ``text`` on the executing node in the frontend (ComfyUI's progress text, as core nodes
+    report sizes); nothing when no node is executing or no server runs (scripts, tests)."""
+    from comfy_execution.utils import get_executing_context
+    context = get_executing_context()
+    try:
+        from server import PromptServer
+        server = PromptServer.instance
+    except (ImportError, AttributeError):
+        return
+    if context is not None and server is not None:
+        server.send_progress_text(text, context.node_id)

@@ -14,6 +14,7 @@ class ProgressWatcher:
         self.url = server.url.replace("http", "ws", 1) + f"/ws?clientId={server.client_id}"
         self.messages: list[tuple[float, dict]] = []
         self.binary: list[tuple[float, int]] = []  # (time, event type) of binary frames (preview images)
+        self.texts: list[tuple[str, str]] = []  # (node id, text) of progress-text frames (event type 3)
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
@@ -31,7 +32,12 @@ class ProgressWatcher:
                     if msg.type == aiohttp.WSMsgType.TEXT:
                         self.messages.append((time.monotonic(), json.loads(msg.data)))
                     elif msg.type == aiohttp.WSMsgType.BINARY and len(msg.data) >= 4:
-                        self.binary.append((time.monotonic(), int.from_bytes(msg.data[:4], "big")))
+                        kind = int.from_bytes(msg.data[:4], "big")
+                        if kind == 3:  # text: 4-byte node-id length, node id, text (server.send_progress_text)
+                            n = int.from_bytes(msg.data[4:8], "big")
+                            self.texts.append((msg.data[8:8 + n].decode(), msg.data[8 + n:].decode()))
+                        else:
+                            self.binary.append((time.monotonic(), kind))
                     elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                         break
 

@@ -26,7 +26,7 @@ from safetensors import safe_open
 
 from harness.comfy_server import ExecutionError
 from harness.inprocess import run_script
-from harness.progress import assert_cancel_leaves_no_file
+from harness.progress import ProgressWatcher, assert_cancel_leaves_no_file
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
@@ -162,8 +162,10 @@ def test_node_saves_a_lora_core_load_lora_runs_and_resume_continues_it(comfy_ser
             "model": ["4", 0], "positive": ["5", 0], "negative": ["5", 0], "latent_image": ["6", 0], "seed": 0,
             "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
         prompt["8"] = {"class_type": "PreviewAny", "inputs": {"source": ["7", 0]}}
-        entry = comfy_server.run(prompt, timeout=600)
+        with ProgressWatcher(comfy_server) as watch:
+            entry = comfy_server.run(prompt, timeout=600)
         assert "8" in entry["outputs"]
+        assert ("4", "step 1/1  loss ") in [(node, text[:15]) for node, text in watch.texts]  # shown on the node
         settings, first = _metadata(path)
         assert settings["steps"] == 1 and settings["train_text_encoder"] and settings["ranks"] == [4]
         assert len(first) == 3 * (128 + 48)

@@ -316,13 +316,15 @@ def test_interrupt_removes_the_hooks(tiny):
     assert all(not m._forward_hooks for m in model.lora_targets(True).values())
 
 
-def test_progress_gets_previews(tiny):
+def test_progress_gets_previews_and_the_loss(tiny):
     model, image = _model(tiny), _image()
-    seen = []
+    seen, texts = [], []
     result = train_theme_lora(image, [CAPTION], model, _config(steps=3, preview_every=2),
-                              progress=lambda s, n, p: seen.append((s, n, None if p is None else tuple(p.shape))))
+                              progress=lambda s, n, p: seen.append((s, n, None if p is None else tuple(p.shape))),
+                              status=texts.append)
     result.lora.remove()
     assert seen == [(1, 3, None), (2, 3, (RES, RES, 3)), (3, 3, (RES, RES, 3))]
+    assert texts == [f"step {k + 1}/3  loss {loss:.4g}" for k, loss in enumerate(result.loss_map["loss"])]
 
 
 def test_failed_save_leaves_no_file(tiny, tmp_path, monkeypatch):
