@@ -183,7 +183,11 @@ class ThemeFinetune(io.ComfyNode):
         initial = None
         if resume and path.is_file():
             from safetensors.torch import load_file
-            initial = load_file(str(path), device="cpu")
+            try:
+                initial = load_file(str(path), device="cpu")
+            except Exception as exc:  # safetensors raises its own error type for a cut or foreign file
+                raise ValueError(f"lora_name: {path} is not a readable .safetensors LoRA ({exc}); resume needs the "
+                                 "file this node wrote") from None
             log.info("%s: resuming from %s", FINETUNE_TITLE, path)
         from .comfy_bridge.theme_finetune import ComfyFinetuneModel, patched_models
         pixels = images[..., :3].float()

@@ -216,6 +216,16 @@ def test_bad_inputs_are_errors_naming_the_input(comfy_server, sd15_checkpoint):
         assert not (_loras(comfy_server) / "tf_other.safetensors").exists()
     finally:
         other.unlink()
+    cut = _loras(comfy_server) / "tf_cut.safetensors"  # resume from a file that is not a LoRA we can read
+    cut.write_bytes(b"\x10\x00")
+    try:
+        with pytest.raises(ExecutionError) as info:
+            comfy_server.run(_tf_prompt(sd15_checkpoint, "tf_cut", resume=True), timeout=300)
+        assert info.value.exception_message.startswith("lora_name:") and "not a readable" in \
+            info.value.exception_message
+        assert cut.read_bytes() == b"\x10\x00"  # left as it was
+    finally:
+        cut.unlink()
 
 
 def test_interrupt_leaves_no_file(comfy_server, sd15_checkpoint):
