@@ -40,6 +40,8 @@ NODE_DISPLAY_NAMES = {
     "MPOD3D_LoadDMTetState": "Load DMTet State",
     "MPOD3D_RenderExemplars": "Render Exemplars",
     "MPOD3D_ThemeFinetune": "Theme Finetune",
+    "MPOD3D_MeshDiversity": "Mesh Diversity",
+    "MPOD3D_ConceptSimilarity": "Concept CLIP Similarity",
 }
 
 #: node id -> menu category.
@@ -57,6 +59,8 @@ NODE_CATEGORIES = {
                                                 "MPOD3D_SAMSegmentObjects")},
     "MPOD3D_RenderExemplars": THEMESTATION_CATEGORY,
     "MPOD3D_ThemeFinetune": THEMESTATION_CATEGORY,
+    "MPOD3D_MeshDiversity": THEMESTATION_CATEGORY,
+    "MPOD3D_ConceptSimilarity": THEMESTATION_CATEGORY,
 }
 
 #: Custom type name of meshes travelling between nodes (trimesh.Trimesh objects, or a
