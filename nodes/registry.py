@@ -40,6 +40,7 @@ NODE_DISPLAY_NAMES = {
     "MPOD3D_LoadDMTetState": "Load DMTet State",
     "MPOD3D_RenderExemplars": "Render Exemplars",
     "MPOD3D_ThemeFinetune": "Theme Finetune",
+    "MPOD3D_DSDRefine": "DSD Refine",
     "MPOD3D_MeshDiversity": "Mesh Diversity",
     "MPOD3D_ConceptSimilarity": "Concept CLIP Similarity",
 }
@@ -59,6 +60,7 @@ NODE_CATEGORIES = {
                                                 "MPOD3D_SAMSegmentObjects")},
     "MPOD3D_RenderExemplars": THEMESTATION_CATEGORY,
     "MPOD3D_ThemeFinetune": THEMESTATION_CATEGORY,
+    "MPOD3D_DSDRefine": THEMESTATION_CATEGORY,
     "MPOD3D_MeshDiversity": THEMESTATION_CATEGORY,
     "MPOD3D_ConceptSimilarity": THEMESTATION_CATEGORY,
 }
@@ -90,7 +92,13 @@ def registrable_nodes(nodes: list, display_names: dict[str, str]) -> list:
     for node in nodes:
         name = getattr(node, "__name__", repr(node))
         try:
-            node_id = node.define_schema().node_id
+            schema = node.define_schema()
+            node_id = schema.node_id
+            # ComfyUI validates every schema when the extension loads and one failure (e.g. an output id
+            # repeating an input id) aborts the whole pack; checked here, only that node is left out.
+            validate = getattr(schema, "validate", None)
+            if callable(validate):
+                validate()
         except Exception as exc:  # a KeyError here is usually an id missing from NODE_DISPLAY_NAMES
             log.warning("MPOD3D: node class %s not registered: define_schema raised %s: %s",
                         name, type(exc).__name__, exc, exc_info=True)

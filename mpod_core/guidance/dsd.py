@@ -147,6 +147,40 @@ def themestation_terms(config: DSDConfig, concept: Denoiser, reference: Denoiser
     return terms
 
 
+#: The concept prior's prompt (official: the concept prior's caption "a 3d model of sks {obj}").
+CONCEPT_PROMPT = "a 3d model of {token} {object}"
+#: The reference prior's prompt (official: the exemplar renders' caption), the normal map's adds ", normal map".
+REFERENCE_PROMPT = "a 3d model of {object}, in the style of {token}"
+NORMAL_SUFFIX = ", normal map"
+
+
+def dsd_prompts(object_name: str, token: str, concept: str = CONCEPT_PROMPT,
+                reference: str = REFERENCE_PROMPT) -> Dict[str, str]:
+    """The three prompts, ``{object}`` and ``{token}`` filled in: ``concept_color``, ``reference_color`` and
+    ``reference_normal`` (the reference prompt + ", normal map", Render Exemplars' normal-map caption).
+
+    Raises:
+        ValueError: an empty token or object, or a prompt without the theme token (the priors learned the
+            theme under it, so a prompt without it asks the prior for something else).
+    """
+    object_name, token = str(object_name).strip(), str(token).strip()
+    if not token or not object_name:
+        raise ValueError("token and object must not be empty (the theme token the priors were fine-tuned with, "
+                         "and what the model is)")
+    prompts = {}
+    for name, template in (("concept", concept), ("reference", reference)):
+        try:
+            text = template.format(object=object_name, token=token)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"{name}_prompt: only {{object}} and {{token}} can be filled in ({e})") from None
+        if token not in text.split() and not any(w.strip(",.;:") == token for w in text.split()):
+            raise ValueError(f"{name}_prompt {text!r} lacks the theme token {token!r}: the {name} prior was "
+                             "fine-tuned with it (Theme Finetune's captions), so put {token} in the prompt")
+        prompts[name] = text
+    return {"concept_color": prompts["concept"], "reference_color": prompts["reference"],
+            "reference_normal": prompts["reference"] + NORMAL_SUFFIX}
+
+
 @dataclass
 class DSDOutput:
     """What one :func:`dsd_loss` evaluation produced."""
@@ -196,4 +230,4 @@ def dsd_loss(latents: Mapping[str, torch.Tensor], terms: Sequence[DSDTerm], step
     return DSDOutput(loss=total, terms=outputs)
 
 
-__all__ = ["DSDConfig", "DSDOutput", "DSDTerm", "RENDER_KINDS", "SCORES", "Score", "dsd_loss", "themestation_terms"]
+__all__ = ["CONCEPT_PROMPT", "NORMAL_SUFFIX", "REFERENCE_PROMPT", "dsd_prompts", "DSDConfig", "DSDOutput", "DSDTerm", "RENDER_KINDS", "SCORES", "Score", "dsd_loss", "themestation_terms"]

@@ -10,9 +10,11 @@ targets and fails it.
 """
 from __future__ import annotations
 
+import math
 from typing import Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ..cameras import orbit_cameras
 from ..render import render_mesh
@@ -103,3 +105,65 @@ class MeshViewOracle:
         near = torch.nn.functional.max_pool2d(gt[:, None].float(), 5, stride=1, padding=2)[:, 0] > 0
         haze_far = float((opacity * (~near)).sum() / total)
         return {"iou": iou, "psnr": psnr, "haze": haze, "haze_beyond_2px": haze_far}
+
+
+def gaussian_blur(images: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) images blurred by a Gaussian of std ``radius[b]`` pixels each (separable, reflect padding;
+    radius 0 leaves a sample as it is)."""
+    b, c, h, w = images.shape
+    r = radius.to(images.dtype).reshape(b)
+    half = int(min(max(math.ceil(3 * float(r.max())), 1), (min(h, w) - 1)))
+    x = torch.arange(-half, half + 1, dtype=images.dtype, device=images.device)
+    k = torch.exp(-0.5 * (x[None] / r.clamp_min(1e-6)[:, None]) ** 2)
+    k = torch.where(r[:, None] > 1e-6, k, (x[None] == 0).to(images.dtype))
+    k = k / k.sum(1, keepdim=True)                                                 # (B, K)
+    weight_h = k.repeat_interleave(c, 0)[:, None, None, :]                          # (B*C, 1, 1, K)
+    weight_v = k.repeat_interleave(c, 0)[:, None, :, None]
+    flat = images.reshape(1, b * c, h, w)
+    flat = F.conv2d(F.pad(flat, (half, half, 0, 0), mode="reflect"), weight_h, groups=b * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, half, half), mode="reflect"), weight_v, groups=b * c)
+    return flat.reshape(b, c, h, w)
+
+
+class CoarseToFineOracle:
+    """A prior that knows its target only at scales finer than a noise-dependent radius: a synthetic model of
+    what the timestep range of score distillation selects (high noise: the target's structure up to a large
+    scale; low noise: its finest detail only), for the dual-score-distillation tests.
+
+    Denoised estimate at timestep t, in pixel space (``encode(img) = 2 img - 1``)::
+
+        x0^ = blur_r(x_t / sqrt(abar)) + (mu - blur_r(mu)),   r = radius_per_sigma * sqrt((1 - abar) / abar) pixels
+
+    (the input's coarse structure kept, the target ``mu`` = ``2 target(views) - 1`` supplying everything finer
+    than r); ``eps_c = (x_t - sqrt(abar) x0^) / sqrt(1 - abar)``. The unconditional estimate keeps the input at
+    every scale (``eps_u = 0``), so guidance s gives ``s * eps_c``. Averaged over the noise, the SDS gradient is
+    ``sqrt(abar (1 - abar)) (I - blur_r)(x - mu)``: a pull towards the target at scales finer than r only.
+
+    Args:
+        target_fn: ``target_fn(views) -> (B, 3, H, W)`` images in [0, 1] (a known mesh rendered from each view).
+        radius_per_sigma: pixels of blur per unit of the noise's standard deviation in x0 units.
+        alphas_cumprod: (T,) schedule (default Stable Diffusion's).
+    """
+
+    def __init__(self, target_fn, radius_per_sigma: float = 2.0, alphas_cumprod: torch.Tensor | None = None):
+        from .oracle import scaled_linear_alphas_cumprod  # noqa: PLC0415
+        self.target_fn = target_fn
+        self.radius_per_sigma = float(radius_per_sigma)
+        self.alphas_cumprod = (scaled_linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod).float()
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return images * 2.0 - 1.0
+
+    def radius(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) blur radius in pixels at timesteps ``t``."""
+        abar = self.alphas_cumprod[t.cpu()].double()
+        return (self.radius_per_sigma * ((1 - abar) / abar).sqrt()).float()
+
+    def predict_noise(self, latents_t: torch.Tensor, t: torch.Tensor, guidance_scale: float, views=None):
+        b = latents_t.shape[0]
+        abar = self.alphas_cumprod.to(latents_t.device)[t.to(latents_t.device)].to(latents_t.dtype).reshape(b, 1, 1, 1)
+        mu = self.target_fn(views).to(latents_t) * 2.0 - 1.0
+        r = self.radius(t)
+        x0 = gaussian_blur(latents_t / abar.sqrt(), r) + mu - gaussian_blur(mu, r)
+        eps_c = (latents_t - abar.sqrt() * x0) / (1.0 - abar).sqrt()
+        return guidance_scale * eps_c

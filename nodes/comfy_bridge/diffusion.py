@@ -202,6 +202,14 @@ class _ComfyDenoiser:
                                           **{k: v.to(self.device) for k, v in views.extras.items()}}
         return options
 
+    def _ensure_own_weights(self) -> None:
+        """Reload the MODEL when another patcher of the same weights (a clone with other LoRA patches, e.g. the
+        other prior of DSD Refine) was loaded since: ComfyUI patches weights in place, one patch set at a time,
+        and ``load_models_gpu`` swaps them (it unloads the other clone and applies this one's patches)."""
+        current = getattr(self.inner, "current_weight_patches_uuid", None)
+        if current is not None and current != self.model.patches_uuid:
+            comfy.model_management.load_models_gpu([self.model])
+
     def close(self) -> None:
         """Release what sampling set up (hooks, current patcher, extra models)."""
         if self._prepared:
@@ -232,6 +240,7 @@ class _ComfyDenoiser:
         x = (latents_t.to(self.device, torch.float32) / abar.sqrt())
         conds = self._conds(views, b, h, w)
         self._prepare(conds, x.shape)
+        self._ensure_own_weights()
         with torch.no_grad():
             conds = comfy.samplers.process_conds(self.inner, x, conds, self.device)
             x0 = comfy.samplers.sampling_function(self.inner, x, sigma, conds.get("negative"),

@@ -59,6 +59,7 @@ class ComfySDTraining:
     Args:
         model, clip, vae: from a checkpoint loader (only read).
         purpose: the feature's name, for error messages ("textual inversion", ...).
+        text_encoder: also copy the text encoder (False: the UNet alone; ``encode_text`` is then unavailable).
 
     Raises:
         ValueError: naming the input, for a MODEL that is not an SD 1.x/2.x eps/v text-to-image model
@@ -66,7 +67,7 @@ class ComfySDTraining:
             encoder, or a VAE without an encoder of 4 latent channels.
     """
 
-    def __init__(self, model, clip, vae, purpose: str):
+    def __init__(self, model, clip, vae, purpose: str, text_encoder: bool = True):
         inner = getattr(model, "model", None)
         if not isinstance(model, comfy.model_patcher.ModelPatcher) or not isinstance(inner, comfy.model_base.BaseModel):
             raise ValueError(f"model: expected a MODEL from a checkpoint loader, got {type(model).__name__}")
@@ -110,6 +111,9 @@ class ComfySDTraining:
         self.unet = _trainable_copy(inner.diffusion_model, self.device, torch.float32).eval()
         if hasattr(self.unet, "dtype"):
             self.unet.dtype = torch.float32
+        self.text = None
+        if not text_encoder:  # e.g. a VSD score, conditioned on contexts computed by ComfyUI's own CLIP
+            return
         clip.load_model()
         self.text_device = clip.patcher.load_device
         self.text = _trainable_copy(encoder, self.text_device, torch.float32).eval()

@@ -33,3 +33,18 @@ def png_size(path) -> tuple[int, int]:
     if head[:8] != b"\x89PNG\r\n\x1a\n":
         raise ValueError(f"{path} is not a PNG")
     return struct.unpack(">II", head[16:24])
+
+
+def two_colour_disc_png(path, size: int = 64) -> Path:
+    """A two-coloured disc (orange left, blue right) on a transparent ground: an object whose texture is not one
+    colour, for image-to-3D runs (numpy and Pillow)."""
+    import numpy as np
+    from PIL import Image
+
+    yy, xx = np.mgrid[:size, :size]
+    inside = (xx - size / 2) ** 2 + (yy - size / 2) ** 2 < (0.3 * size) ** 2
+    rgba = np.zeros((size, size, 4), np.uint8)
+    rgba[inside] = (230, 120, 40, 255)
+    rgba[inside & (xx > size / 2)] = (40, 90, 220, 255)
+    Image.fromarray(rgba, "RGBA").save(path)
+    return Path(path)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 import trimesh
-from PIL import Image
 
 from harness.comfy_server import ExecutionError
 from harness.gltf import validate_gltf
+from harness.images import two_colour_disc_png
 from harness.loss_graph import add_loss_graph, check_loss_graph
 from harness.progress import interrupt_after
 from harness.workflow_convert import ui_to_api
@@ -27,17 +27,6 @@ TINY_REFINE = {"iterations": 6, "resolution": 32, "guidance_resolution": 64, "gr
                "density_threshold": 5.0, "reference_probability": 0.5, "learning_rate": 0.05}
 
 
-def _rgba_object(path, size=64):
-    """A two-coloured disc on a transparent ground: a texture that is not one colour."""
-    yy, xx = np.mgrid[:size, :size]
-    inside = (xx - size / 2) ** 2 + (yy - size / 2) ** 2 < (0.3 * size) ** 2
-    rgba = np.zeros((size, size, 4), np.uint8)
-    rgba[inside] = (230, 120, 40, 255)
-    rgba[inside & (xx > size / 2)] = (40, 90, 220, 255)
-    Image.fromarray(rgba, "RGBA").save(path)
-    return path
-
-
 def _kinds(api: dict) -> dict:
     return {node["class_type"]: nid for nid, node in api.items()}
 
@@ -47,7 +36,7 @@ def mpod123_run(comfy_server, sd15_checkpoint, zero123_checkpoint, tmp_path_fact
     """The bundled workflow, converted from its UI file and shrunk for the CPU, run once."""
     from harness.paths import WORKFLOWS_DIR
     import json
-    image = comfy_server.upload(_rgba_object(tmp_path_factory.mktemp("mpod123") / "mpod123_object.png"))["name"]
+    image = comfy_server.upload(two_colour_disc_png(tmp_path_factory.mktemp("mpod123") / "mpod123_object.png"))["name"]
     api = ui_to_api(json.loads((WORKFLOWS_DIR / "mpod123.json").read_text()), comfy_server.object_info())
     kinds = _kinds(api)
     refine = api[kinds[REFINE]]["inputs"]
@@ -187,7 +176,7 @@ def test_bad_inputs_are_clear(comfy_server, sd15_checkpoint, mpod123_run, stage1
                                               density_threshold=1000.0))
     assert err.node_type == REFINE and "lower density_threshold" in err.exception_message, err
     # A mask of another size than the image.
-    small = comfy_server.upload(_rgba_object(tmp_path / "mpod123_small.png", size=32))["name"]
+    small = comfy_server.upload(two_colour_disc_png(tmp_path / "mpod123_small.png", size=32))["name"]
     prompt = _refine_prompt(comfy_server, sd15_checkpoint, image, stage1_field)
     prompt["10"] = {"class_type": "LoadImageMask", "inputs": {"image": small, "channel": "alpha"}}
     prompt["5"]["inputs"]["mask"] = ["10", 0]

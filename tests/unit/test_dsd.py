@@ -206,3 +206,18 @@ def test_vsd_score_input_errors(tiny):
         with pytest.raises(ValueError, match="no prompt for the normal render"):
             score.baseline("normal")
     assert "threestudio" in field_docs(VSDConfig)["rank"]
+
+
+def test_prompts_carry_the_theme_token():
+    from mpod_core.guidance.dsd import dsd_prompts
+    p = dsd_prompts("chair", "sks")
+    assert p == {"concept_color": "a 3d model of sks chair",
+                 "reference_color": "a 3d model of chair, in the style of sks",
+                 "reference_normal": "a 3d model of chair, in the style of sks, normal map"}
+    with pytest.raises(ValueError, match="reference_prompt .* lacks the theme token 'sks'"):
+        dsd_prompts("chair", "sks", reference="a 3d model of {object}")
+    with pytest.raises(ValueError, match="concept_prompt"):
+        dsd_prompts("chair", "sks", concept="a {colour} {object} {token}")
+    with pytest.raises(ValueError, match="must not be empty"):
+        dsd_prompts("chair", " ")
+    assert dsd_prompts("chair", "zwx", concept="{token}, {object}")["concept_color"] == "zwx, chair"

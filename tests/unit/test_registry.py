@@ -67,3 +67,19 @@ def test_a_table_id_without_a_class_is_logged(pack_nodes, caplog):
     with caplog.at_level(logging.WARNING, logger=registry.__name__):
         assert registrable_nodes(without_save, NODE_DISPLAY_NAMES) == without_save
     assert any("MPOD3D_SaveMesh" in r.getMessage() for r in caplog.records)
+
+
+def test_a_schema_that_fails_validation_is_skipped_alone(pack_nodes, caplog):
+    """ComfyUI's own schema check (ids unique between inputs and outputs) runs here, so such a node is left out
+    instead of aborting the extension's load (which drops every node of the pack)."""
+    def define_schema(cls):
+        def validate():
+            raise ValueError("Ids must be unique between inputs and outputs, but {'mesh'} are not.")
+        return SimpleNamespace(node_id="MPOD3D_LoadMesh", validate=validate)
+    broken = type("BrokenLoadMesh", (), {"define_schema": classmethod(define_schema)})
+    nodes = [n for n in pack_nodes if n.__name__ != "LoadMesh"] + [broken]
+    with caplog.at_level(logging.WARNING, logger=registry.__name__):
+        kept = registrable_nodes(nodes, NODE_DISPLAY_NAMES)
+    assert broken not in kept and len(kept) == len(pack_nodes) - 1
+    assert "Ids must be unique" in caplog.text
+
