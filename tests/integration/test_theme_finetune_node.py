@@ -101,6 +101,16 @@ res["zero_identical"] = bool(torch.equal(eps_zero, eps_base) and torch.equal(ctx
 res["unet_unchanged"] = digest(m.model) == before_unet
 res["clip_unchanged"] = digest(clip.cond_stage_model) == before_clip
 res["errors"] = refusals(ComfyFinetuneModel, m, clip, vae)
+# Two priors of one checkpoint (DSD Refine's concept and reference): ComfyUI patches weights in place, one patch
+# set at a time, so each denoiser must have its own weights back when it predicts after the other.
+from mpod3d_pack.nodes.comfy_bridge.diffusion import ComfyTextDenoiser
+m_lora, _ = patched_models(m, clip, Path(f"{LORA_DIR}/trained.safetensors"))
+with torch.inference_mode():
+    cond = core_nodes.CLIPTextEncode().encode(clip, probe_caption)[0]
+with ComfyTextDenoiser(m, vae, cond) as d_base, ComfyTextDenoiser(m_lora, vae, cond) as d_lora:
+    preds = [d.predict_noise(probe_x, probe_t, 1.0) for d in (d_base, d_lora, d_base, d_lora)]
+res["switch_same"] = bool(torch.equal(preds[0], preds[2]) and torch.equal(preds[1], preds[3]))
+res["switch_moved"] = float((preds[0] - preds[1]).abs().max())
 print("RESULT " + json.dumps(res))
 '''
 
@@ -118,6 +128,7 @@ def test_adapter_trains_a_lora_that_core_load_lora_reproduces(comfy_server, sd15
     assert res["ctx_diff"] < 1e-5 and res["eps_diff"] < 1e-5
     assert res["ctx_moved"] > 1e-3 and res["eps_moved"] > 1e-3  # the parity check can fail
     assert res["zero_identical"]
+    assert res["switch_same"] and res["switch_moved"] > 1e-4, res["switch_moved"]  # alternating priors keep their own
     errs = res["errors"]
     assert errs["sdxl"].startswith("model: Theme Finetune here supports") and "SDXL" in errs["sdxl"]
     assert errs["flow"].startswith("model:") and "FLOW" in errs["flow"]
