@@ -57,6 +57,35 @@ def refine_sds_config() -> SDSConfig:
     return SDSConfig(guidance_scale=100.0, min_step=0.02, max_step=0.5)
 
 
+def check_surface_settings(config, max_resolution: int, ranges) -> None:
+    """The checks DMTet Refine and DSD Refine share: ``iterations``, ``resolution`` (<= ``max_resolution``),
+    ``guidance_resolution``, ``grid_cells``, ``learning_rate``, every name in ``config.LAMBDAS`` (finite, >= 0)
+    and each ``(min, max)`` pair named in ``ranges``.
+
+    Raises:
+        ValueError: naming the first bad setting.
+    """
+    if config.iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {config.iterations}")
+    if not 8 <= config.resolution <= max_resolution:
+        raise ValueError(f"resolution must be in [8, {max_resolution}], got {config.resolution}")
+    g = config.guidance_resolution
+    if g is not None and (g < 8 or g % 8):
+        raise ValueError(f"guidance_resolution must be a multiple of 8 (>= 8), got {g}")
+    if config.grid_cells < 2:
+        raise ValueError(f"grid_cells must be >= 2, got {config.grid_cells}")
+    if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
+        raise ValueError(f"learning_rate must be > 0, got {config.learning_rate}")
+    for name in config.LAMBDAS:
+        v = getattr(config, name)
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+    for name in ranges:
+        lo, hi = getattr(config, name)
+        if not lo <= hi:
+            raise ValueError(f"{name}: min must not exceed max, got ({lo}, {hi})")
+
+
 @dataclass
 class RefineConfig:
     """Settings of :func:`fit_refine`; each default names its source."""
@@ -112,27 +141,9 @@ class RefineConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
-        if self.iterations < 1:
-            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
-        if not 8 <= self.resolution <= MAX_REFINE_RESOLUTION:
-            raise ValueError(f"resolution must be in [8, {MAX_REFINE_RESOLUTION}], got {self.resolution}")
-        g = self.guidance_resolution
-        if g is not None and (g < 8 or g % 8):
-            raise ValueError(f"guidance_resolution must be a multiple of 8 (>= 8), got {g}")
-        if self.grid_cells < 2:
-            raise ValueError(f"grid_cells must be >= 2, got {self.grid_cells}")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        check_surface_settings(self, MAX_REFINE_RESOLUTION, ("elevation_range", "azimuth_range"))
         if not 0.0 <= self.reference_probability <= 1.0:
             raise ValueError(f"reference_probability must be in [0, 1], got {self.reference_probability}")
-        for name in self.LAMBDAS:
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
-        for name in ("elevation_range", "azimuth_range"):
-            lo, hi = getattr(self, name)
-            if not lo <= hi:
-                raise ValueError(f"{name}: min must not exceed max, got ({lo}, {hi})")
         self.sds_in_force().validate()
 
     def sds_in_force(self) -> SDSConfig:

@@ -26,7 +26,6 @@ map; the contextual loss against img2img-augmented views and the TV loss are lef
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -45,7 +44,7 @@ from ..loss_history import LossHistory
 from ..optim_state import current_moments
 from ..progress import ProgressFn
 from ..render import render_mesh
-from .dmtet_refine import RefineResult, RefineState, _optimizer, normal_consistency
+from .dmtet_refine import RefineResult, RefineState, _optimizer, check_surface_settings, normal_consistency
 
 __all__ = ["DSDRefineConfig", "fit_dsd", "sample_dsd_camera", "render_dsd_views", "sparsity_loss_sqrt"]
 
@@ -101,28 +100,12 @@ class DSDRefineConfig:
     LAMBDAS = ("lambda_normal_consistency", "lambda_sparsity", "lambda_opaque")
 
     def validate(self) -> None:
-        if self.iterations < 1:
-            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
-        if not 8 <= self.resolution <= MAX_DSD_RESOLUTION:
-            raise ValueError(f"resolution must be in [8, {MAX_DSD_RESOLUTION}], got {self.resolution}")
-        g = self.guidance_resolution
-        if g is not None and (g < 8 or g % 8):
-            raise ValueError(f"guidance_resolution must be a multiple of 8 (>= 8), got {g}")
-        if g is None and self.resolution % 8:
+        """Raise ValueError naming the first bad setting."""
+        check_surface_settings(self, MAX_DSD_RESOLUTION,
+                               ("elevation_range", "azimuth_range", "distance_range", "fov_range"))
+        if self.guidance_resolution is None and self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8 when renders go to the priors as rendered, "
                              f"got {self.resolution}")
-        if self.grid_cells < 2:
-            raise ValueError(f"grid_cells must be >= 2, got {self.grid_cells}")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        for name in self.LAMBDAS:
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
-        for name in ("elevation_range", "azimuth_range", "distance_range", "fov_range"):
-            lo, hi = getattr(self, name)
-            if not lo <= hi:
-                raise ValueError(f"{name}: min must not exceed max, got ({lo}, {hi})")
         if self.distance_range[0] <= 0:
             raise ValueError(f"distance_range must be > 0, got {self.distance_range}")
         if not (0 < self.fov_range[0] and self.fov_range[1] < 180):

@@ -81,6 +81,8 @@ CONFIG_NODES = {
     "MPOD3D_Zero123SDSNeRF": ("mpod_core.pipelines.mpod123:Stage1Config",),
     "MPOD3D_SDSImageFit": ("mpod_core.pipelines.sds_fit:SDSFitConfig", "mpod_core.guidance.sds:SDSConfig"),
     "MPOD3D_TextualInversion": ("mpod_core.guidance.textual_inversion:TextualInversionConfig",),
+    "MPOD3D_DSDRefine": ("mpod_core.pipelines.dsd_refine:DSDRefineConfig", "mpod_core.guidance.dsd:DSDConfig"),
+    "MPOD3D_MeshDiversity": ("mpod_core.metrics:MetricConfig",),
 }
 
 
