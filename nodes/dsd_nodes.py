@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 
 NODE_TITLE = "DSD Refine"
 #: Measured on this 2-core CPU (bench/README.md, bench_dsd.py): SD 1.5 priors at 512^2.
-CPU_COST = ("one iteration at the paper's 512^2 is six SD UNet passes with SDS (three terms, each guided) and "
-            "four more forward+backward passes to train the two VSD LoRAs, about 1-2 minutes on a CPU, so the paper's "
-            "5000 iterations take days there; a GPU is the intended device")
+CPU_COST = ("one iteration at the paper's 512^2 costs 5.4x a guided SD 1.5 UNet pass with SDS (154 s measured on a "
+            "2-core CPU: three guided terms, the renders, the VAE encoder's backward) and 10.3x with VSD (292 s: three "
+            "LoRA forward+backward passes and three baseline predictions more), so the paper's 5000 iterations take "
+            "9-17 days there; a GPU is the intended device")
 
 
 def _family(model, name: str):
@@ -98,8 +99,9 @@ class DSDRefine(io.ComfyNode):
                         "weight 1: the theme's details), each by VSD (a LoRA copy of the prior trained on the "
                         "renders predicts their score) or plain SDS; normal consistency 400, sparsity 10 and the "
                         "opacity term from step 2501 regularise. The mesh comes out UV-unwrapped with its texture "
-                        f"baked. Long: {CPU_COST}. Memory: with VSD, a float32 copy of each prior's UNet (2 x 3.4 GB "
-                        "for SD 1.5) besides ComfyUI's model.",
+                        f"baked. Long: {CPU_COST}. Memory (SD 1.5, 512^2): with VSD a float32 copy of each "
+                        "prior's UNet (6.6 GB for the two) besides ComfyUI's model, and about 8.3 GB more during an "
+                        "iteration with either score (bench/bench_dsd.py).",
             inputs=[
                 RadianceFieldType.Input(
                     "field", optional=True, tooltip="Initial model as a radiance field (Zero123 SDS NeRF); or connect "
