@@ -108,6 +108,7 @@ def test_oracle_blur_is_the_known_low_pass():
     assert 0.6 < float(r[0]) < 0.8 and 8 < float(r[1]) < 8.4                  # 2 px per sigma: sqrt((1-a)/a)
 
 
+@pytest.mark.slow  # about 45 s: two 100-iteration refines
 def test_concept_sets_the_coarse_layout_and_reference_the_fine_detail_and_swapping_ranges_fails():
     concept, reference, reference_normal = _priors()
     figures = {}
