@@ -240,7 +240,7 @@ class DSDRefine(io.ComfyNode):
                     den.close()
         report.append(f"score: {config.dsd.score}; iterations: {result.state.steps_done} in total ({iterations} this "
                       f"run); surface: {result.vertices.shape[0]} vertices, {result.faces.shape[0]} faces")
-        mesh_out, how = _bake(result, bake, bridge.torch_device())
+        mesh_out, how = _bake(result, bake, bridge.torch_device(), NODE_TITLE)
         report.append(how)
         return io.NodeOutput(mesh_out, result.state, "\n".join(report), result.loss_map, ui={"text": report})
 

@@ -170,14 +170,14 @@ class DMTetRefine(io.ComfyNode):
         return io.NodeOutput(mesh, result.state, "\n".join(report), result.loss_map, ui={"text": report})
 
 
-def _bake(result, bake: TextureBakeConfig, device):
+def _bake(result, bake: TextureBakeConfig, device, title: str = NODE_TITLE):
     """(mesh, report line): the texture field baked (:func:`~mpod_core.texture_bake.bake_mesh`)."""
     def colour(points):
         with torch.no_grad():
             return result.state.albedo(points.to(device))
     mesh, how = bake_mesh(result.vertices.cpu(), result.faces.cpu(), colour, bake, progress=bridge.Progress(1))
     if how.startswith("WARNING"):
-        log.warning("MPOD3D DMTet Refine: %s", how)
+        log.warning("MPOD3D %s: %s", title, how)
     return mesh, how
 
 

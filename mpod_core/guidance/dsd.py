@@ -173,7 +173,7 @@ def dsd_prompts(object_name: str, token: str, concept: str = CONCEPT_PROMPT,
             text = template.format(object=object_name, token=token)
         except (KeyError, IndexError, ValueError) as e:
             raise ValueError(f"{name}_prompt: only {{object}} and {{token}} can be filled in ({e})") from None
-        if token not in text.split() and not any(w.strip(",.;:") == token for w in text.split()):
+        if not any(word.strip(",.;:!?") == token for word in text.split()):
             raise ValueError(f"{name}_prompt {text!r} lacks the theme token {token!r}: the {name} prior was "
                              "fine-tuned with it (Theme Finetune's captions), so put {token} in the prompt")
         prompts[name] = text
