@@ -26,8 +26,11 @@ class CropObjects(io.ComfyNode):
             "MPOD3D_CropObjects",
             description="Cut every object out of an image: one square crop per mask, the object centred and "
                         "scaled so its longer side covers `fill` of the crop, everything outside its mask set to "
-                        "the background (image-to-3D models expect one centred object). Occluded objects can be "
-                        "inpainted afterwards with ComfyUI's inpainting nodes, using the crop masks.",
+                        "the background (image-to-3D models expect one centred object). Also gives, per crop, "
+                        "the region the OTHER objects cover there (their masks' union minus the object's own, "
+                        "resampled like its mask): where an occluded object is to be completed by an inpainting "
+                        "model (REPARO sec. 3.1; workflows/reparo.json wires VAE Encode (for Inpainting), "
+                        "KSampler and Image Composite Masked to it).",
             inputs=[
                 io.Image.Input("image", tooltip="The image with several objects (the first of a batch is used)."),
                 io.Mask.Input("masks", tooltip="One mask per object (a batch of K masks, 1 = object), e.g. from "
@@ -42,7 +45,7 @@ class CropObjects(io.ComfyNode):
             outputs=[
                 io.Image.Output("crops", display_name="crops", tooltip="K square crops, one per object."),
                 io.Mask.Output("crop_masks", display_name="crop_masks",
-                               tooltip="Each object's mask in its crop (also the inpainting region's complement)."),
+                               tooltip="Each object's own mask in its crop (1 = object)."),
                 io.String.Output("crop_boxes", display_name="crop_boxes",
                                  tooltip="JSON list, per object: its mask's box and the cropped square in the "
                                          "image's pixels, and the image size (the layout's starting placement)."),
@@ -51,6 +54,13 @@ class CropObjects(io.ComfyNode):
                                         "runs once per object."),
                 io.Mask.Output("crop_mask_list", display_name="crop_mask_list", is_output_list=True,
                                tooltip="The crop masks as a list, in step with crop_list."),
+                io.Mask.Output("occluded_masks", display_name="occluded_masks",
+                               tooltip="K masks, the inpainting regions: where the other objects cover each crop "
+                                       "(their masks' union minus the object's own, resampled as crop_masks; 0 "
+                                       "for an object nothing overlaps). Crop mask + occluded mask <= 1."),
+                io.Mask.Output("occluded_mask_list", display_name="occluded_mask_list", is_output_list=True,
+                               tooltip="The inpainting regions as a list, in step with crop_list (the mask of VAE "
+                                       "Encode (for Inpainting) and of Image Composite Masked, per object)."),
             ],
         )
 
@@ -58,11 +68,11 @@ class CropObjects(io.ComfyNode):
     def execute(cls, image, masks, size, fill, background) -> io.NodeOutput:
         image = check_image(image, "Crop Objects")
         m = check_masks(masks, "Crop Objects", size=image.shape[1:3])
-        crops, crop_masks, boxes = crop_objects(image[0, ..., :3].float(), m.float().to(image.device), size=size,
-                                                fill=fill, background=background)
-        crops, crop_masks = crops.cpu(), crop_masks.cpu()
-        return io.NodeOutput(crops, crop_masks, json.dumps([b.to_dict() for b in boxes]),
-                             list(crops.split(1)), list(crop_masks.split(1)))
+        out = crop_objects(image[0, ..., :3].float(), m.float().to(image.device), size=size, fill=fill,
+                           background=background)
+        crops, crop_masks, occluded = out.crops.cpu(), out.masks.cpu(), out.occluded.cpu()
+        return io.NodeOutput(crops, crop_masks, json.dumps([b.to_dict() for b in out.boxes]),
+                             list(crops.split(1)), list(crop_masks.split(1)), occluded, list(occluded.split(1)))
 
 
 class OTLayoutAlign(io.ComfyNode):

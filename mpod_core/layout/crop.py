@@ -7,14 +7,27 @@ exclusive), the crop is the square of side ``max(x1 - x0, y1 - y0) / fill``
 centred on the box, so the object's longer side covers ``fill`` of the output.
 Parts of the square outside the image are filled with the background. Pixels
 outside the object's mask become background too, so neighbours and occluders
-do not leak into the crop (occluded objects are inpainted afterwards, in the
-workflow). The crop box is returned for the layout's initial placement.
+do not leak into the crop. The crop box is returned for the layout's initial
+placement.
+
+Occluded objects are completed afterwards by an inpainting model (REPARO
+section 3.1, Fig. 2(a)); the region to inpaint in object k's crop is where
+the OTHER objects are: the union (pixel-wise max) of the masks j != k, minus
+k's own mask, resampled into k's square exactly as k's mask is (the same
+call, one more channel). k's own mask is subtracted because SAM masks may
+overlap: a pixel both masks claim is shown in k's crop as k's, so it is not
+to be painted over, and the crop mask and the hidden region then add up to
+at most 1 (a mask of the completed object is their sum). Pixels of the
+square outside the image are not marked (nothing is known to hide them), and
+a neighbour inside the square that does not actually cover k is marked too
+(the masks alone cannot tell the two apart): the inpainting prompt is
+expected to paint background there.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import List, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch.nn import functional as F
@@ -40,6 +53,46 @@ class CropBox:
         return asdict(self)
 
 
+class Crops(NamedTuple):
+    """What :func:`crop_objects` returns (K objects, S = ``size``).
+
+    Attributes:
+        crops: (K, S, S, 3) RGB, each object centred on the background.
+        masks: (K, S, S) each object's own mask in its crop.
+        boxes: the K :class:`CropBox` es.
+        occluded: (K, S, S) the region of each crop hidden by the other objects (the union of their
+            masks minus the object's own, resampled as ``masks``): the inpainting region. Zero for an
+            object nothing overlaps; ``masks + occluded <= 1``.
+    """
+
+    crops: torch.Tensor
+    masks: torch.Tensor
+    boxes: List[CropBox]
+    occluded: torch.Tensor
+
+
+def occluder_masks(masks: torch.Tensor) -> torch.Tensor:
+    """Per object k, where the other objects are and k is not: ``max_{j != k} m_j * (1 - m_k)``.
+
+    Vectorised over j with the two largest values per pixel: the max over j != k is the largest
+    value unless k holds it, then the second largest (ties pick one index, so two masks at 1 both
+    see the other's 1).
+
+    Args:
+        masks: (K, H, W) masks, clamped to [0, 1].
+
+    Returns:
+        (K, H, W) in [0, 1]; zeros when K = 1.
+    """
+    m = masks.clamp(0, 1)
+    if m.shape[0] < 2:
+        return torch.zeros_like(m)
+    top, index = m.topk(2, dim=0)  # (2, H, W) each
+    own = torch.arange(m.shape[0], device=m.device)[:, None, None]
+    others = torch.where(index[0] == own, top[1], top[0])
+    return others * (1 - m)
+
+
 def mask_box(mask: torch.Tensor, threshold: float = 0.5) -> Tuple[int, int, int, int]:
     """(x0, y0, x1, y1) bounding box of ``mask > threshold`` (exclusive max); ValueError when empty."""
     fg = mask > threshold
@@ -51,8 +104,8 @@ def mask_box(mask: torch.Tensor, threshold: float = 0.5) -> Tuple[int, int, int,
 
 
 def crop_objects(image: torch.Tensor, masks: torch.Tensor, size: int = 256, fill: float = 0.8,
-                 background: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor, List[CropBox]]:
-    """Crop every object of ``image`` to a centred square.
+                 background: float = 1.0) -> Crops:
+    """Crop every object of ``image`` to a centred square, with the part of it the others hide.
 
     Args:
         image: (H, W, 3) RGB in [0, 1].
@@ -62,7 +115,8 @@ def crop_objects(image: torch.Tensor, masks: torch.Tensor, size: int = 256, fill
         background: grey level outside the object.
 
     Returns:
-        crops (K, size, size, 3), crop masks (K, size, size) and the K :class:`CropBox` es.
+        :class:`Crops`: crops (K, size, size, 3), crop masks (K, size, size), the K
+        :class:`CropBox` es and the occluded regions (K, size, size) (see the module docstring).
     """
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"image: expected (H, W, 3) RGB, got {tuple(image.shape)}")
@@ -77,7 +131,8 @@ def crop_objects(image: torch.Tensor, masks: torch.Tensor, size: int = 256, fill
         raise ValueError(f"fill must be in (0, 1], got {fill}")
     if size < 8:
         raise ValueError(f"size must be >= 8, got {size}")
-    crops, crop_masks, boxes = [], [], []
+    hidden = occluder_masks(masks.to(image.dtype))  # the union first, then one resample per crop
+    crops, crop_masks, occluded, boxes = [], [], [], []
     for k in range(masks.shape[0]):
         try:
             box = mask_box(masks[k])
@@ -88,14 +143,16 @@ def crop_objects(image: torch.Tensor, masks: torch.Tensor, size: int = 256, fill
         side = max(x1 - x0, y1 - y0) / fill
         cx, cy = 0.5 * (x0 + x1), 0.5 * (y0 + y1)
         square = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
-        out = _resample_square(image, masks[k], square, size, background)
+        out = _resample_square(image, masks[k], square, size, background, extra=hidden[k])
         crops.append(out[..., :3])
         crop_masks.append(out[..., 3])
+        occluded.append(out[..., 4])
         boxes.append(CropBox(object_box=box, crop_box=tuple(float(v) for v in square), image_size=(w, h)))
-    return torch.stack(crops), torch.stack(crop_masks), boxes
+    return Crops(torch.stack(crops), torch.stack(crop_masks), boxes, torch.stack(occluded))
 
 
-def _resample_square(image: torch.Tensor, mask: torch.Tensor, square, size: int, background: float) -> torch.Tensor:
+def _resample_square(image: torch.Tensor, mask: torch.Tensor, square, size: int, background: float,
+                     extra: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sample the axis-aligned ``square`` (x0, y0, x1, y1) of the masked object onto a size x size grid.
 
     The object's RGBA (colour outside ``mask`` set to ``background``, alpha =
@@ -103,7 +160,9 @@ def _resample_square(image: torch.Tensor, mask: torch.Tensor, square, size: int,
     padded with (background, background, background, 0) where the square leaves
     the image, box-filtered by the integer shrink factor k when the crop is
     reduced (so thin parts do not alias away), then sampled bilinearly at the
-    output pixel centres (sub-pixel exact centring).
+    output pixel centres (sub-pixel exact centring). An ``extra`` channel (the
+    occluded region) rides along as a fifth channel, padded with 0, so it is
+    resampled exactly as the mask is.
 
     Only the k x k blocks of the canvas that overlap the image are built and
     pooled; every other block holds nothing but padding, so its pooled value is
@@ -113,10 +172,11 @@ def _resample_square(image: torch.Tensor, mask: torch.Tensor, square, size: int,
     pixels (25 GB for a 4000 px object at fill 0.1).
 
     Args:
-        image: (H, W, 3); mask: (H, W) in [0, 1] (clamped); square: floats, may leave the image.
+        image: (H, W, 3); mask: (H, W) in [0, 1] (clamped); square: floats, may leave the image;
+        extra: optional (H, W), taken as is.
 
     Returns:
-        (size, size, 4) RGBA.
+        (size, size, 4) RGBA, or (size, size, 5) RGBA + the extra channel.
     """
     h, w, _ = image.shape
     x0, y0, x1, y1 = square
@@ -125,7 +185,8 @@ def _resample_square(image: torch.Tensor, mask: torch.Tensor, square, size: int,
     k = max(1, int((x1 - x0) / size))  # integer shrink factor of the box filter
     ch, cw = iy1 - iy0, ix1 - ix0  # the canvas at source resolution (never allocated)
     hp, wp = -(-ch // k), -(-cw // k)  # the pooled canvas (avg_pool2d with ceil_mode)
-    pad = torch.tensor((background, background, background, 0.0), dtype=image.dtype, device=image.device)
+    pad = (background, background, background, 0.0) + ((0.0,) if extra is not None else ())
+    pad = torch.tensor(pad, dtype=image.dtype, device=image.device)
     src = pad[:, None, None].repeat(1, hp, wp)
     sx0, sy0, sx1, sy1 = max(ix0, 0), max(iy0, 0), min(ix1, w), min(iy1, h)
     if sx1 > sx0 and sy1 > sy0:
@@ -138,7 +199,8 @@ def _resample_square(image: torch.Tensor, mask: torch.Tensor, square, size: int,
         m = mask[sy0:sy1, sx0:sx1].to(image.dtype).clamp(0, 1)[None]
         rgb = image[sy0:sy1, sx0:sx1].permute(2, 0, 1) * m + background * (1 - m)
         part = pad[:, None, None].repeat(1, r1 - r0, c1 - c0)
-        part[:, sy0 - r0:sy1 - r0, sx0 - c0:sx1 - c0] = torch.cat([rgb, m])
+        channels = [rgb, m] if extra is None else [rgb, m, extra[sy0:sy1, sx0:sx1].to(image.dtype)[None]]
+        part[:, sy0 - r0:sy1 - r0, sx0 - c0:sx1 - c0] = torch.cat(channels)
         if k > 1:
             part = F.avg_pool2d(part[None], k, ceil_mode=True)[0]
         src[:, by0:by1, bx0:bx1] = part

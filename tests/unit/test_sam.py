@@ -34,7 +34,7 @@ def test_parse_reads_crop_objects_json():
     masks = torch.zeros(2, H, W)
     masks[0, 10:30, 20:60] = 1
     masks[1, 150:200, 250:300] = 1
-    _, _, crop_boxes = crop_objects(img, masks, size=32)
+    _, _, crop_boxes, _ = crop_objects(img, masks, size=32)
     text = json.dumps([b.to_dict() for b in crop_boxes])
     torch.testing.assert_close(parse_boxes(text, W, H), torch.tensor([[20.0, 10, 60, 30], [250, 150, 300, 200]]))
     with pytest.raises(ValueError, match=r"object_00: box: it was made for a 300x200 image, this image is 150x100"):
