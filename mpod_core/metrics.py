@@ -23,14 +23,15 @@ import numpy as np
 import torch
 import trimesh
 
-from .cameras import orbit_cameras
+from .cameras import Cameras, orbit_cameras
 from .configdoc import limits
-from .mesh import MeshLike, check_mesh, flatten_scene, mesh_to_tensors, normalize_mesh
+from .mesh import MeshLike, MeshTensors, check_mesh, flatten_scene, mesh_to_tensors, normalize_mesh
 from .progress import ProgressFn
 from .render import render_mesh
 
 __all__ = ["MetricConfig", "DiversityResult", "voxelize", "mesh_occupancy", "pairwise_voxel_iou_distance",
-           "render_metric_views", "pairwise_image_distance", "clip_similarity", "mesh_diversity",
+           "render_metric_views", "render_on_white", "ssim_per_view", "pairwise_image_distance",
+           "clip_similarity", "cosine_similarities", "mesh_diversity",
            "similarity_report", "concept_similarity", "check_pixels", "MAX_METRIC_PIXELS", "WINDING_CHUNK"]
 
 #: Most rendered pixels one call holds (meshes x views x resolution^2): 2^25 is 400 MiB of float32 RGB.
@@ -198,10 +199,26 @@ def render_metric_views(mesh: MeshLike, config: MetricConfig, *, device=None, ba
     t = mesh_to_tensors(normalize_mesh(check_mesh(mesh)), device=device)
     azimuths = torch.arange(config.views, dtype=torch.float64) * (360.0 / config.views)
     cams = orbit_cameras(config.elevation, azimuths, config.distance, config.fov, device=device)
-    res = config.resolution
+    return render_on_white(t, cams, config.resolution, backend=backend, progress=progress)
+
+
+def render_on_white(mesh: MeshTensors, cameras: Cameras, resolution: int, *, backend: str = "auto",
+                    progress: Optional[ProgressFn] = None) -> torch.Tensor:
+    """Colour renders of a mesh (as it is placed: no normalisation) on a white background, the metrics' renders.
+
+    Args:
+        mesh: :class:`~mpod_core.mesh.MeshTensors` (texture, vertex colours, or shaded grey without either).
+        cameras: N cameras (moved to the mesh's device).
+        resolution: R, the square image side in pixels.
+        progress: passed to :func:`~mpod_core.render.render_mesh` (after each chunk of views).
+
+    Returns:
+        (N, R, R, 3) float32 in [0, 1], on the CPU.
+    """
     with torch.no_grad():
-        out = render_mesh(t.vertices, t.faces, cams, res, res, vertex_colors=t.vertex_colors, uv=t.uv,
-                          texture=t.texture, background=(1.0, 1.0, 1.0), backend=backend, progress=progress)
+        out = render_mesh(mesh.vertices, mesh.faces, cameras, resolution, resolution, vertex_colors=mesh.vertex_colors,
+                          uv=mesh.uv, texture=mesh.texture, background=(1.0, 1.0, 1.0), backend=backend,
+                          progress=progress)
     return out.color.clamp(0, 1).float().cpu()
 
 
@@ -212,6 +229,34 @@ def _as_images(renders: Sequence) -> List[np.ndarray]:
         if im.ndim != 4 or im.shape[-1] != 3 or im.shape != first or min(im.shape) < 1:
             raise ValueError(f"renders {k + 1}: expected (V, H, W, 3) like renders 1 {first}, got {im.shape}")
     return images
+
+
+#: SSIM's Gaussian window (Wang et al.: sigma 1.5, scikit-image truncates at 3.5 sigma): 11 x 11 pixels.
+SSIM_WINDOW = 11
+
+
+def ssim_per_view(a, b) -> np.ndarray:
+    """SSIM of each pair of same-camera views, with Wang et al.'s settings (the pack's one SSIM).
+
+    scikit-image's ``structural_similarity``: Gaussian window sigma = 1.5 (11 x 11, truncated at 3.5
+    sigma), population covariance, data range 1, averaged over the colour channels.
+
+    Args:
+        a, b: (V, H, W, 3) float arrays or tensors in [0, 1], the same shape, H and W >= 11.
+
+    Returns:
+        (V,) float64 SSIM per view, 1 for identical views.
+
+    Raises:
+        ValueError: shapes that differ, or images smaller than the window.
+    """
+    from skimage.metrics import structural_similarity
+    a, b = _as_images([a, b])
+    if min(a.shape[1:3]) < SSIM_WINDOW:
+        raise ValueError(f"renders of {a.shape[2]}x{a.shape[1]} are too small for SSIM's "
+                         f"{SSIM_WINDOW}x{SSIM_WINDOW} window")
+    return np.array([structural_similarity(a[k], b[k], data_range=1.0, channel_axis=-1, gaussian_weights=True,
+                                           sigma=1.5, use_sample_covariance=False) for k in range(a.shape[0])])
 
 
 def pairwise_image_distance(renders_list: Sequence) -> Dict[str, object]:
@@ -232,19 +277,14 @@ def pairwise_image_distance(renders_list: Sequence) -> Dict[str, object]:
     Raises:
         ValueError: fewer than 2 render sets, or shapes that differ.
     """
-    from skimage.metrics import structural_similarity
     _check_count(renders_list, "renders_list")
     images = _as_images(renders_list)
     n = len(images)
     mse, ssim = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
-    if min(images[0].shape[1:3]) < 7:  # SSIM's Gaussian window (truncated at 3.5 sigma) spans 7 pixels
-        raise ValueError(f"renders of {images[0].shape[2]}x{images[0].shape[1]} are too small for SSIM's 7x7 window")
     for i, j in _pairs(n):
         a, b = images[i], images[j]
         mse[i, j] = mse[j, i] = float(np.mean((a - b) ** 2))
-        sims = [structural_similarity(a[k], b[k], data_range=1.0, channel_axis=-1, gaussian_weights=True,
-                                      sigma=1.5, use_sample_covariance=False) for k in range(a.shape[0])]
-        ssim[i, j] = ssim[j, i] = max(0.0, 1.0 - float(np.mean(sims)))
+        ssim[i, j] = ssim[j, i] = max(0.0, 1.0 - float(np.mean(ssim_per_view(a, b))))
     return {"mse": _mean_off_diagonal(mse), "ssim_distance": _mean_off_diagonal(ssim),
             "mse_matrix": mse, "ssim_matrix": ssim}
 
@@ -269,11 +309,32 @@ def clip_similarity(render_embeds: torch.Tensor, concept_embed: torch.Tensor) ->
     if r.ndim != 2 or c.ndim != 1 or r.shape[1] != c.shape[0] or r.shape[0] < 1:
         raise ValueError(f"clip_similarity: expected render_embeds (N, D) and concept_embed (D,), got "
                          f"{tuple(r.shape)} and {tuple(c.shape)}")
-    norms = torch.cat([r.norm(dim=1), c.norm().reshape(1)])
-    if not (torch.isfinite(norms).all() and (norms > 0).all()):
-        raise ValueError("clip_similarity: an embedding is zero or not finite")
-    per_view = ((r @ c) / (r.norm(dim=1) * c.norm())).clamp(-1.0, 1.0)
+    per_view = cosine_similarities(r, c[None].expand_as(r), "clip_similarity")
     return float(per_view.mean()), per_view
+
+
+def cosine_similarities(a: torch.Tensor, b: torch.Tensor, what: str = "cosine_similarities") -> torch.Tensor:
+    """Cosine similarity of each row of ``a`` with the same row of ``b`` (REPARO's and ThemeStation's CLIP score).
+
+    Args:
+        a, b: (N, D) embeddings, N >= 1.
+        what: names the caller in errors.
+
+    Returns:
+        (N,) float64 cosines in [−1, 1], on the CPU.
+
+    Raises:
+        ValueError: shapes that differ, a zero or non-finite embedding.
+    """
+    a = torch.as_tensor(a).detach().to(torch.float64).cpu()
+    b = torch.as_tensor(b).detach().to(torch.float64).cpu()
+    if a.ndim != 2 or a.shape != b.shape or a.shape[0] < 1:
+        raise ValueError(f"{what}: expected two (N, D) embeddings of one shape, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    norms = torch.cat([a.norm(dim=1), b.norm(dim=1)])
+    if not (torch.isfinite(norms).all() and (norms > 0).all()):
+        raise ValueError(f"{what}: an embedding is zero or not finite")
+    return ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).clamp(-1.0, 1.0)
 
 
 def similarity_report(per_view: torch.Tensor, config: MetricConfig) -> str:
