@@ -1,19 +1,32 @@
-"""ThemeStation's evaluation figures as nodes: Mesh Diversity (geometry and visual diversity of generated
-meshes) and Concept CLIP Similarity (the CLIP score of a mesh against its concept image)."""
+"""The papers' evaluation figures as nodes: ThemeStation's Mesh Diversity (geometry and visual diversity of
+generated meshes) and Concept CLIP Similarity (the CLIP score of a mesh against its concept image), and
+REPARO's Scene Evaluation (a generated scene against the ground truth from shared views: PSNR, SSIM, LPIPS,
+CLIP score)."""
 from __future__ import annotations
 
-from comfy_api.latest import io
+from typing import Callable, Optional
+
+import torch
+from comfy_api.latest import io, ui
 
 from ..mpod_core import mesh as meshlib
 from ..mpod_core.metrics import (MetricConfig, check_pixels, concept_similarity, mesh_diversity,
                                 similarity_report)
+from ..mpod_core.scene_evaluation import (LPIPS_BACKBONE_FILE, LPIPS_BACKBONE_URL, SceneEvalConfig, evaluate_scene,
+                                          evaluation_plot, load_lpips, render_pairs)
 from . import comfy_bridge as bridge
-from .schema import Trimesh, check_image, config_input, node_schema
+from .schema import (RENDER_BACKEND_TOOLTIP, RENDER_BACKENDS, Trimesh, backend_input, check_backend, check_image,
+                     config_input, node_schema)
 
 DIVERSITY_TITLE = "Mesh Diversity"
 SIMILARITY_TITLE = "Concept CLIP Similarity"
 #: Mesh inputs of Mesh Diversity: the first two required.
 DIVERSITY_SLOTS = 6
+EVALUATION_TITLE = "Scene Evaluation"
+#: ComfyUI model folder of the LPIPS backbone (models/lpips), its file types and the "no file" choice.
+LPIPS_FOLDER = "lpips"
+LPIPS_EXTENSIONS = (".pth", ".pt", ".safetensors")
+NO_LPIPS = "none"
 LPIPS_NOTE = ("LPIPS, the paper's visual-diversity metric, needs downloaded network weights, so per-pixel MSE and "
               "1 - SSIM stand in (not comparable with LPIPS figures).")
 
@@ -109,9 +122,7 @@ class ConceptSimilarity(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip_vision, concept_image, mesh, views) -> io.NodeOutput:
-        if not callable(getattr(clip_vision, "encode_image", None)):
-            raise ValueError(f"{SIMILARITY_TITLE}: clip_vision: expected a CLIP_VISION (core Load CLIP Vision), "
-                             f"got {type(clip_vision).__name__}")
+        embed = _clip_embedder(clip_vision, SIMILARITY_TITLE)
         image = check_image(concept_image, SIMILARITY_TITLE, "concept_image")
         if image.shape[0] != 1:
             raise ValueError(f"{SIMILARITY_TITLE}: concept_image: expected one image, got a batch of "
@@ -123,8 +134,7 @@ class ConceptSimilarity(io.ComfyNode):
         meshlib.check_mesh(mesh, f"{SIMILARITY_TITLE} mesh")
         config = MetricConfig(views=views)
         try:
-            score, per_view = concept_similarity(mesh, pixels, lambda x: clip_vision.encode_image(x).image_embeds,
-                                                 config, device=bridge.torch_device(),
+            score, per_view = concept_similarity(mesh, pixels, embed, config, device=bridge.torch_device(),
                                                  progress=bridge.Progress(views + 1))
         except ValueError as exc:
             raise ValueError(f"{SIMILARITY_TITLE}: {exc}") from None
@@ -132,4 +142,135 @@ class ConceptSimilarity(io.ComfyNode):
         return io.NodeOutput(score, report, ui={"text": [report]})
 
 
-NODES = [MeshDiversity, ConceptSimilarity]
+def _clip_embedder(clip_vision, node: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``images (B, H, W, 3) in [0, 1] -> (B, D)`` CLIP image embeddings of a CLIP_VISION (its projected
+    ``image_embeds``, what the CLIP score compares).
+
+    Raises:
+        ValueError: ``clip_vision`` is not a CLIP_VISION, naming ``node``.
+    """
+    if not callable(getattr(clip_vision, "encode_image", None)):
+        raise ValueError(f"{node}: clip_vision: expected a CLIP_VISION (core Load CLIP Vision), "
+                         f"got {type(clip_vision).__name__}")
+    return lambda images: clip_vision.encode_image(images).image_embeds
+
+
+def _lpips_options() -> list[str]:
+    return [*bridge.list_model_files(LPIPS_FOLDER, LPIPS_EXTENSIONS), NO_LPIPS]
+
+
+def _lpips_hint() -> str:
+    folders = ", ".join(map(str, bridge.ensure_model_folder(LPIPS_FOLDER)))
+    return (f"for LPIPS put torchvision's AlexNet weights {LPIPS_BACKBONE_FILE} ({LPIPS_BACKBONE_URL}) in ComfyUI's "
+            f"models/{LPIPS_FOLDER} folder ({folders}) and pick it in lpips_weights")
+
+
+def _lpips_network(lpips_weights: str, device) -> tuple[Optional[torch.nn.Module], list[str]]:
+    """(LPIPS network, []) for the chosen backbone file, or (None, [why LPIPS is left out]) when none is chosen
+    or the file is not there (a workflow from another machine still runs and says so).
+
+    Raises:
+        ValueError: a file that is there but is not torchvision's AlexNet, or a name leaving the folder.
+    """
+    if lpips_weights == NO_LPIPS:
+        return None, [f"LPIPS left out: no backbone weights chosen (lpips_weights = {NO_LPIPS}); {_lpips_hint()}."]
+    try:
+        path = bridge.resolve_model_file(LPIPS_FOLDER, lpips_weights)
+    except FileNotFoundError as exc:
+        return None, [f"LPIPS left out: {exc}; {_lpips_hint()}."]
+    except ValueError as exc:
+        raise ValueError(f"{EVALUATION_TITLE}: lpips_weights: {exc}") from None
+    try:
+        return load_lpips(path, device=device), []
+    except ValueError as exc:
+        raise ValueError(f"{EVALUATION_TITLE}: lpips_weights: {exc}") from None
+
+
+class SceneEvaluation(io.ComfyNode):
+    """REPARO's evaluation: a generated scene against the ground truth from shared views."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        options = _lpips_options()
+        return node_schema(
+            "MPOD3D_SceneEvaluation",
+            description="REPARO's evaluation (paper sec. 4): renders the scene and the reference scene from the same "
+                        "`views` cameras (azimuth i x 360/views, `elevation`, fov 40) on an orbit around the "
+                        "REFERENCE's bounding-box centre, at the distance that frames its bounding sphere, on white; "
+                        "both in the same world frame (nothing is renormalised, so a misplaced or mis-scaled object "
+                        "counts). Per view and as means: PSNR (identical views: 100 dB), SSIM (Gaussian 11x11, "
+                        "sigma 1.5), LPIPS (AlexNet, the lpips package; needs torchvision's "
+                        f"{LPIPS_BACKBONE_FILE} in models/{LPIPS_FOLDER}, else left out with a note) and the CLIP "
+                        "score (cosine of the two renders' CLIP image embeddings; with a clip_vision). Shows the "
+                        "report and a plot on the node.",
+            inputs=[
+                Trimesh.Input("scene", tooltip="The generated scene (e.g. OT Layout Align's), in the reference's "
+                                               "world frame; a single mesh works too."),
+                Trimesh.Input("reference_scene", tooltip="The ground truth (e.g. Load Mesh of the scene's GLB, "
+                                                         "normalize off); the cameras orbit its centre."),
+                config_input(SceneEvalConfig, "views"),
+                config_input(SceneEvalConfig, "resolution"),
+                config_input(SceneEvalConfig, "elevation"),
+                io.Combo.Input("lpips_weights", options=options,
+                               default=LPIPS_BACKBONE_FILE if LPIPS_BACKBONE_FILE in options else options[0],
+                               tooltip=f"LPIPS' AlexNet backbone: torchvision's {LPIPS_BACKBONE_FILE} "
+                                       f"({LPIPS_BACKBONE_URL}) in models/{LPIPS_FOLDER} (never downloaded by the "
+                                       f"pack; LPIPS' linear layers come with the lpips package). {NO_LPIPS} or a "
+                                       "file that is not there: LPIPS is left out and the report says why."),
+                backend_input(RENDER_BACKEND_TOOLTIP),
+                io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="A CLIP image encoder (core Load CLIP Vision, e.g. CLIP ViT-L/14) for "
+                                            "the CLIP score; unconnected: the CLIP score is left out."),
+            ],
+            outputs=[
+                io.String.Output("report", display_name="report",
+                                 tooltip="Settings, the means and each view's figures as text, and notes."),
+                io.String.Output("metrics_json", display_name="metrics_json",
+                                 tooltip="The same as JSON: settings, \"mean\" and \"per_view\" (null for a "
+                                         "metric left out), \"notes\"."),
+                io.Image.Output("plot", display_name="plot",
+                                tooltip="Per-view charts of each metric and the two render strips."),
+                io.Image.Output("renders", display_name="renders",
+                                tooltip="One image per view: the scene's render left, the reference's right."),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod  # named arguments only: ComfyUI then skips its own checks of these inputs (lpips_weights may
+    def validate_inputs(cls, views, resolution, lpips_weights) -> bool | str:  # name a missing file: a note)
+        if views is None or resolution is None:  # linked: checked when the node runs
+            return True
+        try:
+            config = SceneEvalConfig(views=int(views), resolution=int(resolution))
+            config.validate()
+            check_pixels(2, config)
+        except ValueError as exc:
+            return f"{EVALUATION_TITLE}: {exc}"
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, lpips_weights, **_):
+        return bridge.file_fingerprint(lpips_weights, lambda name: bridge.resolve_model_file(LPIPS_FOLDER, name))
+
+    @classmethod
+    def execute(cls, scene, reference_scene, views, resolution, elevation, lpips_weights, backend,
+                clip_vision=None) -> io.NodeOutput:
+        check_backend(EVALUATION_TITLE, backend)
+        embed = None if clip_vision is None else _clip_embedder(clip_vision, EVALUATION_TITLE)
+        device = bridge.torch_device()
+        lpips_model, notes = _lpips_network(lpips_weights, device)
+        if embed is None:
+            notes.append("CLIP score left out: no clip_vision connected.")
+        config = SceneEvalConfig(views=views, resolution=resolution, elevation=elevation)
+        try:
+            result = evaluate_scene(scene, reference_scene, config, lpips_model=lpips_model, embed=embed, notes=notes,
+                                    device=device, backend=RENDER_BACKENDS[backend], progress=bridge.Progress(3 * views))
+        except ValueError as exc:
+            raise ValueError(f"{EVALUATION_TITLE}: {exc}") from None
+        report = result.report()
+        plot = evaluation_plot(result)[None]
+        return io.NodeOutput(report, result.to_json(), plot, render_pairs(result),
+                             ui={"text": [report], **ui.PreviewImage(plot, cls=cls).as_dict()})
+
+
+NODES = [MeshDiversity, ConceptSimilarity, SceneEvaluation]

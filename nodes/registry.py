@@ -34,6 +34,8 @@ NODE_DISPLAY_NAMES = {
     "MPOD3D_OTLayoutAlign": "OT Layout Align",
     "MPOD3D_LoadSAM": "Load SAM Model",
     "MPOD3D_SAMSegmentObjects": "SAM Segment Objects",
+    "MPOD3D_LoadDepthModel": "Load Depth Model",
+    "MPOD3D_EstimateDepth": "Estimate Depth",
     "MPOD3D_TextualInversion": "Textual Inversion",
     "MPOD3D_DMTetRefine": "DMTet Refine",
     "MPOD3D_SaveDMTetState": "Save DMTet State",
@@ -43,6 +45,7 @@ NODE_DISPLAY_NAMES = {
     "MPOD3D_DSDRefine": "DSD Refine",
     "MPOD3D_MeshDiversity": "Mesh Diversity",
     "MPOD3D_ConceptSimilarity": "Concept CLIP Similarity",
+    "MPOD3D_SceneEvaluation": "Scene Evaluation",
 }
 
 #: node id -> menu category.
@@ -57,12 +60,14 @@ NODE_CATEGORIES = {
                                                  "MPOD3D_DMTetRefine", "MPOD3D_SaveDMTetState",
                                                  "MPOD3D_LoadDMTetState")},
     **{node_id: REPARO_CATEGORY for node_id in ("MPOD3D_CropObjects", "MPOD3D_OTLayoutAlign", "MPOD3D_LoadSAM",
-                                                "MPOD3D_SAMSegmentObjects")},
+                                                "MPOD3D_SAMSegmentObjects", "MPOD3D_LoadDepthModel",
+                                                "MPOD3D_EstimateDepth")},
     "MPOD3D_RenderExemplars": THEMESTATION_CATEGORY,
     "MPOD3D_ThemeFinetune": THEMESTATION_CATEGORY,
     "MPOD3D_DSDRefine": THEMESTATION_CATEGORY,
     "MPOD3D_MeshDiversity": THEMESTATION_CATEGORY,
     "MPOD3D_ConceptSimilarity": THEMESTATION_CATEGORY,
+    "MPOD3D_SceneEvaluation": REPARO_CATEGORY,
 }
 
 #: Custom type name of meshes travelling between nodes (trimesh.Trimesh objects, or a
@@ -78,6 +83,10 @@ DMTET_STATE_TYPE = "MPOD3D_DMTET_STATE"
 #: Custom type name of Segment Anything models (segment_anything.modeling.Sam objects),
 #: the name ComfyUI-Impact-Pack's SAMLoader uses, so SAM models plug in across packs.
 SAM_MODEL_TYPE = "SAM_MODEL"
+
+#: Custom type name of depth estimators (mpod_core.depth_estimation.DepthModel objects: a transformers
+#: model with its processor's settings, which no other pack's type carries, hence the pack's prefix).
+DEPTH_MODEL_TYPE = "MPOD3D_DEPTH_MODEL"
 
 
 def registrable_nodes(nodes: list, display_names: dict[str, str]) -> list:
