@@ -14,12 +14,14 @@ import torch
 from comfy_api.latest import io
 
 from ..mpod_core.configdoc import field_spec
-from .registry import NODE_CATEGORIES, NODE_DISPLAY_NAMES, RADIANCE_FIELD_TYPE, SAM_MODEL_TYPE, TRIMESH_TYPE
+from .registry import (DEPTH_MODEL_TYPE, NODE_CATEGORIES, NODE_DISPLAY_NAMES, RADIANCE_FIELD_TYPE, SAM_MODEL_TYPE,
+                       TRIMESH_TYPE)
 
 #: The pack's custom socket types (names in :mod:`.registry`).
 Trimesh = io.Custom(TRIMESH_TYPE)
 RadianceFieldType = io.Custom(RADIANCE_FIELD_TYPE)
 SamModel = io.Custom(SAM_MODEL_TYPE)
+DepthModelType = io.Custom(DEPTH_MODEL_TYPE)
 #: ComfyUI's loss-history type (``{"loss": [...]}``), what core Train LoRA outputs and Plot Loss Graph draws.
 LossMap = io.Custom("LOSS_MAP")
 

@@ -260,6 +260,39 @@ def resolve_model_file(folder_name: str, filename: str) -> Path:
                             f"({', '.join(map(str, folders))})")
 
 
+def list_model_folders(folder_name: str, marker: str) -> list[str]:
+    """Sub-folders of the ``folder_name`` model folders (registered on first use) that hold a file named
+    ``marker`` (e.g. a Hugging Face model folder's ``config.json``), as posix paths relative to their
+    model folder, sorted, for a combo widget. Walked as :func:`_list_files` walks (links followed,
+    hidden names skipped, cached while no folder changes)."""
+    names = set()
+    for root in ensure_model_folder(folder_name):
+        for name in _list_files(root, [os.path.splitext(marker)[1] or marker]):
+            folder, _, base = name.rpartition("/")
+            if base == marker and folder:
+                names.add(folder)
+    return sorted(names)
+
+
+def resolve_model_path(folder_name: str, name: str) -> Path:
+    """Absolute path of a file or folder named relative to one of the ``folder_name`` model folders
+    (:func:`resolve_model_file` for folders too).
+
+    Raises:
+        ValueError: empty, or leaving the folder.
+        FileNotFoundError: in none of the folders; the message names it and the folders.
+    """
+    folders = ensure_model_folder(folder_name)
+    if not name or not name.strip():
+        raise ValueError(f"nothing selected: put a model in {', '.join(map(str, folders))}")
+    for root in folders:
+        path = _inside(root, name, f"models/{folder_name}")
+        if path.exists():
+            return path
+    raise FileNotFoundError(f"'{name}' not found in ComfyUI's models/{folder_name} folder "
+                            f"({', '.join(map(str, folders))})")
+
+
 def next_output_path(filename_prefix: str, extension: str) -> tuple[Path, str]:
     """A fresh output file for ``filename_prefix`` (ComfyUI's counter naming).
 
