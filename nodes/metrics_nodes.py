@@ -236,8 +236,9 @@ class SceneEvaluation(io.ComfyNode):
             is_output_node=True,
         )
 
-    @classmethod  # named arguments only: ComfyUI then skips its own checks of these inputs (lpips_weights may
-    def validate_inputs(cls, views, resolution, lpips_weights) -> bool | str:  # name a missing file: a note)
+    @classmethod  # named arguments only: ComfyUI then skips its own range and list checks of these inputs
+    def validate_inputs(cls, views, resolution, lpips_weights) -> bool | str:
+        # lpips_weights may name a file that is not there (a workflow from elsewhere): LPIPS is left out with a note
         if views is None or resolution is None:  # linked: checked when the node runs
             return True
         try:
