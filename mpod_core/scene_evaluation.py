@@ -267,8 +267,9 @@ class SceneEvaluation:
 
 def evaluate_scene(scene: MeshLike, reference: MeshLike, config: SceneEvalConfig, *,
                    lpips_model: Optional[torch.nn.Module] = None,
-                   embed: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, notes: Sequence[str] = (),
-                   device=None, backend: str = "auto", progress: Optional[ProgressFn] = None) -> SceneEvaluation:
+                   embed: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, clip_chunk: int = 4,
+                   notes: Sequence[str] = (), device=None, backend: str = "auto",
+                   progress: Optional[ProgressFn] = None) -> SceneEvaluation:
     """REPARO's multi-view figures of ``scene`` against ``reference`` (see the module docstring).
 
     Args:
@@ -278,6 +279,7 @@ def evaluate_scene(scene: MeshLike, reference: MeshLike, config: SceneEvalConfig
         lpips_model: from :func:`load_lpips`, or None to leave LPIPS out.
         embed: ``images (B, H, W, 3) in [0, 1] -> (B, D)`` image embeddings (a CLIP vision model's), or
             None to leave the CLIP score out.
+        clip_chunk: views whose renders go through ``embed`` together (2 x clip_chunk images a call).
         notes: lines added to the report and the JSON (e.g. why LPIPS was left out).
         device: where to render.
         backend: rasterizer backend.
@@ -306,16 +308,18 @@ def evaluate_scene(scene: MeshLike, reference: MeshLike, config: SceneEvalConfig
     ssim = torch.as_tensor(ssim_per_view(renders, reference_renders), dtype=torch.float64)
     lpips_values = torch.zeros(n, dtype=torch.float64) if lpips_model is not None else None
     clip_values = torch.zeros(n, dtype=torch.float64) if embed is not None else None
+    clip_chunk = max(1, int(clip_chunk))
     for k in range(n):
         pair = (renders[k:k + 1], reference_renders[k:k + 1])
         if lpips_values is not None:
             lpips_values[k] = lpips_per_view(lpips_model, *pair)[0]
-        if clip_values is not None:
-            embeds = torch.as_tensor(embed(torch.cat(pair))).detach().float().cpu()
-            if embeds.ndim != 2 or embeds.shape[0] != 2:
-                raise ValueError(f"embed: expected (2, D) embeddings of a view's two renders, got "
-                                 f"{tuple(embeds.shape)}")
-            clip_values[k] = cosine_similarities(embeds[:1], embeds[1:], "CLIP score")[0]
+        if clip_values is not None and k % clip_chunk == 0:  # a few views per encoder call: fewer, larger batches
+            end = min(k + clip_chunk, n)
+            embeds = torch.as_tensor(embed(torch.cat([renders[k:end], reference_renders[k:end]]))).detach().cpu()
+            if embeds.ndim != 2 or embeds.shape[0] != 2 * (end - k):
+                raise ValueError(f"embed: expected ({2 * (end - k)}, D) embeddings of {end - k} views' two renders, "
+                                 f"got {tuple(embeds.shape)}")
+            clip_values[k:end] = cosine_similarities(embeds[:end - k], embeds[end - k:], "CLIP score")
         if progress is not None:
             progress(2 * n + k + 1, total, torch.cat(pair, dim=2)[0])
     return SceneEvaluation(config, cams, psnr, ssim, lpips_values, clip_values, renders, reference_renders,

@@ -83,6 +83,7 @@ CONFIG_NODES = {
     "MPOD3D_TextualInversion": ("mpod_core.guidance.textual_inversion:TextualInversionConfig",),
     "MPOD3D_DSDRefine": ("mpod_core.pipelines.dsd_refine:DSDRefineConfig", "mpod_core.guidance.dsd:DSDConfig"),
     "MPOD3D_MeshDiversity": ("mpod_core.metrics:MetricConfig",),
+    "MPOD3D_SceneEvaluation": ("mpod_core.scene_evaluation:SceneEvalConfig",),
 }
 
 

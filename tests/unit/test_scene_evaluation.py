@@ -61,9 +61,15 @@ def _scene(shift=0.0, offset=(0.0, 0.0, 0.0)):
 
 
 def test_identical_scenes_give_the_cap_one_zero_and_one(lpips_model):
-    seen = []
-    result = evaluate_scene(_scene(), _scene(), SMALL, lpips_model=lpips_model, embed=_embed, backend="torch",
+    seen, calls = [], []
+
+    def embed(images):
+        calls.append(images.shape[0])
+        return _embed(images)
+
+    result = evaluate_scene(_scene(), _scene(), SMALL, lpips_model=lpips_model, embed=embed, backend="torch",
                             progress=lambda done, total, preview: seen.append((done, total)))
+    assert calls == [8, 4]                                   # 4 views' two renders a call, then the last 2 views
     assert torch.all(result.psnr == PSNR_CAP_DB)
     assert float((result.ssim - 1).abs().max()) < 1e-6
     assert float(result.lpips.abs().max()) < 1e-6
@@ -171,6 +177,9 @@ def test_bad_inputs_are_named(tmp_path):
     torch.save({"conv.weight": torch.zeros(1)}, other)
     with pytest.raises(ValueError, match="not torchvision's AlexNet.*features.0.weight"):
         load_lpips(other)
+    with pytest.raises(ValueError, match=r"embed: expected \(4, D\)"):
+        evaluate_scene(_scene(), _scene(), SceneEvalConfig(views=2, resolution=32), embed=lambda x: _embed(x)[:3],
+                       backend="torch")
     torn = tmp_path / "torn.pth"
     torn.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="torn.pth: not a readable weights file"):
