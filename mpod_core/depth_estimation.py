@@ -54,7 +54,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")
 EXAMPLE_REPOSITORY = "depth-anything/Depth-Anything-V2-Small-hf"
 EXPECTED = (f"a Hugging Face-format depth model folder ({' + '.join(FOLDER_FILES)}) of Depth Anything (v1/v2) "
-            f"or DPT, e.g. {EXAMPLE_REPOSITORY} downloaded with huggingface-cli download")
+            f"or DPT, e.g. {EXAMPLE_REPOSITORY} downloaded with `hf download`")
 #: Metric depths are floored at 1 mm (the models predict metres) before inverting: a depth of 0
 #: (sigmoid saturating) would otherwise give an infinite inverse depth.
 METRIC_MIN_DEPTH = 1e-3

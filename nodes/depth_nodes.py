@@ -20,7 +20,7 @@ DEPTH_FOLDER = "depth_estimation"
 #: Loose checkpoint files are listed too, so that picking one gives the message saying what to download.
 CHECKPOINT_EXTENSIONS = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 DEVICES = ("auto", "cpu")
-_DOWNLOAD = (f"huggingface-cli download {de.EXAMPLE_REPOSITORY} --local-dir "
+_DOWNLOAD = (f"hf download {de.EXAMPLE_REPOSITORY} --local-dir "
              f"ComfyUI/models/{DEPTH_FOLDER}/{de.EXAMPLE_REPOSITORY.split('/')[1]}")
 #: The largest model input (pixels): 4x Depth Anything's 518² (the head's full-resolution feature maps
 #: dominate the memory). A wide image at a large resolution exceeds it, since the processor keeps the

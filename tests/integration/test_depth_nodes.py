@@ -96,7 +96,7 @@ def test_another_architecture_is_an_error_naming_the_folder(comfy_server, model_
 def test_a_missing_folder_is_refused_naming_it_and_the_models_folder(comfy_server, model_folders, picture):
     text = comfy_server.rejection(_prompt(picture[0], "Depth-Anything-V2-Small-hf"), "load")
     assert "'Depth-Anything-V2-Small-hf'" in text and "models/depth_estimation" in text
-    assert "huggingface-cli download depth-anything/Depth-Anything-V2-Small-hf" in text
+    assert "hf download depth-anything/Depth-Anything-V2-Small-hf --local-dir" in text
 
 
 def test_an_oversized_input_is_refused_with_the_limit(comfy_server, model_folders, picture):
