@@ -2,6 +2,7 @@
 
     python bench/bench_depth.py                     # fwd+bwd at 256² and 518², forward only at 1036²
     python bench/bench_depth.py --sizes 256 --forward-sizes --reps 1
+    python bench/bench_depth.py --threads 1          # steadiest on a shared machine (see below)
 
 REPARO's official code runs the frozen depth model on every render of the layout loop (eq. 4's D),
 so each iteration pays one forward and one backward through it (to the image; the weights are
@@ -15,7 +16,10 @@ the processor's own rules at ``resolution`` = N (the model input: N rounded to a
 Forward only at ``--forward-sizes`` (1036² = Estimate Depth's input limit, 4 x 518²). Each row runs in
 a fresh process: its peak RSS growth is the first (cold) call's (forward+backward, or forward),
 sampled every millisecond (``bench.timing.peak_rss_growth_kib``); the times are medians of
-``--reps`` warm calls. The machine may be shared: compare rows of one run.
+``--reps`` warm calls, wall clock and this process's CPU time (all threads): on a shared machine the
+wall clock stretches with the load. With several threads the CPU time grows too (OpenMP threads spin
+while they wait for a core), so ``--threads 1`` gives the steadiest figure on a loaded machine: its
+CPU time is the work itself. Compare rows of one run.
 """
 from __future__ import annotations
 
@@ -79,12 +83,14 @@ def one(size: int, reps: int, mode: str) -> dict:
     times = {}
     for name, fn in (("forward", forward), ("forward_backward", forward_backward))[:2 if mode == "fwdbwd" else 1]:
         fn()
-        runs = []
+        runs, cpu = [], []
         for _ in range(reps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             runs.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         times[name] = sorted(runs)[len(runs) // 2]
+        times[name + "_cpu"] = sorted(cpu)[len(cpu) // 2]
     return dict(size=size, mode=mode, model_input=settings.input_size(size, size, size), params=sum(p.numel() for p in
                 model.parameters()), peak_kib=peak, threads=torch.get_num_threads(), **times)
 
@@ -95,26 +101,32 @@ def main() -> None:
     parser.add_argument("--forward-sizes", type=int, nargs="*", default=[1036],
                         help="sizes timed without the backward (what Estimate Depth runs)")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="fwdbwd", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
         print(json.dumps(one(args.one, args.reps, args.mode)))
         return
     rows = []
     for size, mode in [(s, "fwdbwd") for s in args.sizes] + [(s, "fwd") for s in args.forward_sizes]:
-        out = subprocess.run([sys.executable, __file__, "--one", str(size), "--reps", str(args.reps), "--mode", mode],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, __file__, "--one", str(size), "--reps", str(args.reps), "--mode", mode,
+                              "--threads", str(args.threads)], capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"\nDepth Anything V2 Small architecture, random weights ({rows[0]['params'] / 1e6:.1f} M parameters), "
           f"{rows[0]['threads']} threads, median of {args.reps}\n")
-    print("| image | model input | forward (no grad) | forward + backward to the image | peak RSS growth (cold) |")
+    print("| image | model input | forward (no grad): wall / CPU | forward + backward to the image: wall / CPU "
+          "| peak RSS growth (cold) |")
     print("|---|---|---|---|---|")
     for r in rows:
         h, w = r["model_input"]
-        both = f"{r['forward_backward']:.2f} s" if "forward_backward" in r else "not run"
-        print(f"| {r['size']}² | {h}×{w} | {r['forward']:.2f} s | {both} | {r['peak_kib'] / 1024:.0f} MiB "
-              f"({'fwd+bwd' if r['mode'] == 'fwdbwd' else 'forward'}) |")
+        both = (f"{r['forward_backward']:.2f} s / {r['forward_backward_cpu']:.2f} s" if "forward_backward" in r
+                else "not run")
+        print(f"| {r['size']}² | {h}×{w} | {r['forward']:.2f} s / {r['forward_cpu']:.2f} s | {both} | "
+              f"{r['peak_kib'] / 1024:.0f} MiB ({'fwd+bwd' if r['mode'] == 'fwdbwd' else 'forward'}) |")
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
 
