@@ -37,6 +37,12 @@ Design (each choice was measured against the alternatives, see the tests and
   object's true place, so it is left out of the pull (``colour_agreement``).
   On 4- and 6-object scenes this took the recovered objects from 25 to 27 of
   30 and every translation error below 0.5% of the scene.
+* **Depth as the estimator sees it.** The reference depth is a monocular estimator's relative
+  inverse depth (near = large, known only up to scale and shift); the render's view depth is
+  converted to disparity (:func:`render_disparity`) and both are min-max normalised over their
+  foreground, so the two agree at the true layout. Running the estimator on every render (REPARO's
+  official code) would cost a ViT forward and backward per iteration (``bench/bench_depth.py``) and
+  route the depth gradient through the rendered colours, which this loss detaches on purpose.
 * **Squared cost and DROT's squared pull.** The matching cost is
   ``0.5 (alpha |dRGB|^2 + beta |dD|^2 + gamma |dXY|^2)`` (geomloss' ``p = 2``,
   what the reference code's ``SamplesLoss("sinkhorn")`` uses; eq. 4's
@@ -149,6 +155,18 @@ def normalise_depth(depth: torch.Tensor, *, near_is_large: bool = False, min_ran
     return (depth - lo) / span if near_is_large else (hi - depth) / span
 
 
+def render_disparity(depth: torch.Tensor) -> torch.Tensor:
+    """(P,) view depths -> disparity ``1 / depth``, the convention of relative monocular depth
+    estimators (Depth Anything, DPT/MiDaS: affine-invariant inverse depth, near = large).
+
+    Min-max normalised on both sides (:func:`normalise_depth`), a reference map that is affine in
+    disparity and the render's disparity agree exactly at the true layout, whatever the estimator's
+    unknown scale and shift; linear depth would not (measured in ``bench/bench_layout.py --only depth``).
+    Differentiable; depths are floored at 1e-6.
+    """
+    return 1.0 / depth.clamp_min(1e-6)
+
+
 def reference_points(image: torch.Tensor, mask: torch.Tensor, depth: Optional[torch.Tensor] = None,
                      background: float = 1.0) -> torch.Tensor:
     """The reference pixel cloud.
@@ -180,7 +198,7 @@ def render_points(render: SceneRender) -> torch.Tensor:
     h, w = fg.shape
     d = torch.zeros_like(render.depth)
     if fg.any():
-        d = d.index_put((fg,), normalise_depth(render.depth[fg]))
+        d = d.index_put((fg,), normalise_depth(render_disparity(render.depth[fg]), near_is_large=True))
     xy = torch.where(fg[..., None], render.xy, pixel_grid(w, h, device=d.device).to(render.xy))
     # Colour is detached: it decides the match, while the placement moves through depth and XY. Its
     # antialiasing gradient would pull blended edge pixels towards the blurred colour of their

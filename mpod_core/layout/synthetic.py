@@ -92,3 +92,59 @@ def perturb(scene: SyntheticScene, seed: int, shift: float = 0.35, scale_range=(
     t0 = scene.translations + torch.tensor(offsets, dtype=torch.float32)
     s0 = scene.scales * torch.tensor(factors, dtype=torch.float32)
     return t0, s0
+
+
+def affine_disparity(depth: torch.Tensor) -> torch.Tensor:
+    """A depth estimator's view of view depths: inverse depth under an arbitrary scale and shift
+    (Depth Anything / MiDaS predict affine-invariant inverse depth), near = large."""
+    return 1.7 / depth - 0.3
+
+
+def gamma_disparity(depth: torch.Tensor) -> torch.Tensor:
+    """A monotone but not affine estimator: inverse depth to the power 0.7 (for robustness checks)."""
+    return depth.pow(-0.7)
+
+
+def make_depth_scene(n_objects: int, seed: int, resolution: int = 128, depth_range: float = 0.7,
+                     transform=affine_disparity, min_visible: float = 0.45, min_overlaps: int = 1) -> SyntheticScene:
+    """``n_objects`` primitives at different depths, some hiding parts of others.
+
+    Object centres are drawn in x in [-0.6, 0.6], y in [-0.35, 0.35], z in [-depth_range, depth_range]
+    (the reference camera looks down -z from 2.5), their 3D boxes disjoint; the depths are then shifted
+    so that the mean centre depth is the camera's orbit distance (the convention that fixes the scale a
+    single image cannot). Drawn again until at least ``min_overlaps`` pairs overlap on screen and every
+    object keeps ``min_visible`` of its silhouette. ``disparity`` is ``transform(view depth)`` on the
+    foreground (0 elsewhere), what a depth estimator would give.
+    """
+    rng = np.random.default_rng(seed)
+    camera = orbit_cameras(0.0, 0.0, 2.5, 40.0)
+    objects = []
+    for k in range(n_objects):
+        mesh = _primitive(int(rng.integers(0, 5)))
+        colors = torch.tensor(PALETTE[k % len(PALETTE)], dtype=torch.float32).expand(len(mesh.vertices), 3)
+        objects.append(scene_object(torch.tensor(mesh.vertices, dtype=torch.float32),
+                                    torch.tensor(mesh.faces), colors.clone(), object_name(k)))
+    for _ in range(2000):
+        sizes = rng.uniform(0.3, 0.5, n_objects)
+        centres = np.stack([rng.uniform(-0.6, 0.6, n_objects), rng.uniform(-0.35, 0.35, n_objects),
+                            rng.uniform(-depth_range, depth_range, n_objects)], 1)
+        centres[:, 2] -= centres[:, 2].mean()
+        gap = np.abs(centres[:, None] - centres[None]) - 0.5 * (sizes[:, None, None] + sizes[None, :, None])
+        apart = (gap.max(-1) > 0.02) | np.eye(n_objects, dtype=bool)
+        if not apart.all():
+            continue
+        translations = torch.tensor(centres, dtype=torch.float32)
+        scales = torch.tensor(sizes, dtype=torch.float32)[:, None].expand(-1, 3).clone()
+        with torch.no_grad():
+            r = render_scene(LayoutScene(objects, translations, scales), camera, resolution, resolution)
+            alone = [render_scene(LayoutScene([o], translations[i:i + 1], scales[i:i + 1]), camera, resolution,
+                                  resolution).covered for i, o in enumerate(objects)]
+        visible = [float((r.object_id == i).sum()) / max(float(a.sum()), 1.0) for i, a in enumerate(alone)]
+        overlaps = sum(int((alone[i] & alone[j]).sum() >= 4) for i in range(n_objects) for j in range(i + 1, n_objects))
+        if min(visible) >= min_visible and overlaps >= min_overlaps:
+            break
+    else:
+        raise RuntimeError(f"no scene of {n_objects} objects found for seed {seed}")
+    disparity = torch.where(r.covered, transform(r.depth.clamp_min(1e-6)), torch.zeros_like(r.depth))
+    masks = torch.stack([r.object_id == k for k in range(n_objects)])
+    return SyntheticScene(objects, translations, scales, r.color, r.covered.float(), disparity, camera, masks)

@@ -23,6 +23,7 @@ from ..cameras import REFERENCE_VIEW, Cameras, orbit_cameras
 from ..configdoc import limits
 from ..layout.align import LayoutConfig, LayoutResult, SemanticFn, align_layout, initial_placement, overlay
 from ..layout.crop import mask_box
+from ..layout.depth import DepthPlacement, check_depth_map, depth_placement
 from ..layout.scene import DEFAULT_GREY, SceneObject, scene_object
 from ..mesh import MeshTensors, compose_scene, object_names
 from ..progress import ProgressFn
@@ -54,6 +55,8 @@ class Placement:
         render: (H, W, 3) final render at the working size.
         camera: the reference camera used.
         result: the optimiser's :class:`~mpod_core.layout.align.LayoutResult`.
+        depth_start: with a depth map, the depth-aware starting placement (its chosen depth spread
+            and the occluding pairs it read from the map); None without one.
     """
 
     matrices: torch.Tensor
@@ -64,6 +67,7 @@ class Placement:
     render: torch.Tensor
     camera: Cameras
     result: LayoutResult
+    depth_start: Optional[DepthPlacement] = None
 
 
 def object_from_tensors(mesh: MeshTensors, name: str) -> SceneObject:
@@ -165,8 +169,18 @@ def place_objects(meshes: Sequence[MeshTensors], image: torch.Tensor, masks: tor
     lo = torch.stack([o.vertices.amin(0) for o in objects])
     hi = torch.stack([o.vertices.amax(0) for o in objects])
     centres, extents = 0.5 * (lo + hi), (hi - lo).clamp_min(1e-6)
-    t0, s0 = initial_placement(boxes, extents, camera, size[1], size[0])
     union = small_masks.amax(0)
+    depth_start = None
+    if small_depth is not None:
+        try:
+            normalised = check_depth_map(small_depth, union)
+        except ValueError as exc:
+            raise ValueError(f"depth: {exc}") from None
+        depth_start = depth_placement(objects, boxes, small_masks, normalised, camera, size[1], size[0],
+                                      distance=float(distance), backend=backend)
+        t0, s0 = depth_start.translations, depth_start.scales
+    else:
+        t0, s0 = initial_placement(boxes, extents, camera, size[1], size[0])
     result = align_layout(objects, t0, s0, camera, ref, union, config, depth=small_depth,
                           semantic_loss=semantic_loss, progress=progress, backend=backend)
     matrices = torch.stack([placement_matrix(centres[i], result.scales[i], result.translations[i]) for i in range(k)])
@@ -175,7 +189,7 @@ def place_objects(meshes: Sequence[MeshTensors], image: torch.Tensor, masks: tor
     reference = torch.where(fg, ref, torch.full_like(ref, config.background))
     return Placement(matrices=matrices, translations=result.translations, scales=result.scales,
                      initial_matrices=initial, overlay=overlay(result.render, reference), render=result.render,
-                     camera=camera, result=result)
+                     camera=camera, result=result, depth_start=depth_start)
 
 
 def semantic_reference(image: torch.Tensor, masks: torch.Tensor, background: float = 1.0) -> torch.Tensor:
