@@ -31,8 +31,15 @@ import comfy.sd, comfy.model_base
 res = {}
 
 def digest(module):
-    return {k: hashlib.blake2b(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().data,
-                               digest_size=16).hexdigest() for k, v in module.state_dict().items()}
+    """{state-dict key: SHA-1 of the tensor's bytes}: equal digests = bit-identical weights. SHA-1 (CPU
+    SHA extensions) on two threads (hashlib releases the GIL): 3x faster than one-thread BLAKE2b on the
+    2-core box (337 MB of float32 tensors: 1.2 s against 3.4-4.3 s, measured while it was loaded)."""
+    from concurrent.futures import ThreadPoolExecutor
+    def one(item):
+        k, v = item
+        return k, hashlib.sha1(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().data).hexdigest()
+    with ThreadPoolExecutor(2) as pool:
+        return dict(pool.map(one, module.state_dict().items()))
 
 def refusals(factory, m, clip, vae):
     """factory(model, clip, vae)'s ValueError (or None) for an SDXL MODEL, a flow MODEL and a foreign CLIP."""

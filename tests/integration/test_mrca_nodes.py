@@ -3,7 +3,7 @@ and sampling, with the random full-size SD 1.5 checkpoint.
 
 In-process (a subprocess with the ComfyUI python): the token columns of CLIP's tokenization, the patch
 against ``optimized_attention`` in both cond/uncond batch orders, every cross-attention site of the UNet
-hit by one ``sampling_function`` call with the layer sizes of a 64^2 latent, and a per-view mask reaching
+hit by one ``sampling_function`` call with the layer sizes of a 32^2 latent, and a per-view mask reaching
 the patch through the denoiser's ``ViewCondition.extras``. In the live server: KSampler with the patched
 MODEL and a static mask (all ones: the unpatched image; half: another image), and the bad inputs.
 """
@@ -74,7 +74,8 @@ for order in ([0, 1], [1, 0]):
     res[f"cond_vs_deleted_{order}"] = float((out[cond] - deleted[cond]).abs().max())
     res[f"cond_changed_{order}"] = float((out[cond] - plain[cond]).abs().max())
 
-# ---- every cross-attention site, once per sampling_function call, at a 64^2 latent's sizes
+# ---- every cross-attention site, once per sampling_function call, at a 32^2 latent's sizes (a 512^2 mask
+# resized to each; 32^2, not SD's usual 64^2: the same sites and pyramid with a quarter of the pixels)
 sites = cross_attention_sites(m.model.diffusion_model)
 res["sites"] = len(sites)
 with torch.inference_mode():
@@ -85,7 +86,7 @@ patched = apply_mrca(m, patch)
 res["user_model_untouched"] = "attn2" not in m.model_options.get("transformer_options", {}).get("patches_replace", {})
 with torch.inference_mode(False):
     patch.trace = []
-    x = torch.randn(1, 4, 64, 64, generator=g)
+    x = torch.randn(1, 4, 32, 32, generator=g)
     with ComfyTextDenoiser(patched, vae, pos, neg) as d:
         d.predict_noise(x, torch.tensor([500]), 7.5)
     res["trace_hits_every_site"] = {(b[0], b[1], i) for b, i, _ in patch.trace} == set(sites)
@@ -168,7 +169,7 @@ def test_one_sampling_call_hits_every_cross_attention_site_at_the_latents_sizes(
     assert res["sites"] == 16                                   # SD 1.5: 6 down, 1 middle, 9 up
     assert res["trace_hits_every_site"]
     assert res["trace_calls"] == 16                             # each site once (cond and uncond batched)
-    assert res["trace_sizes"] == [8, 16, 32, 64]
+    assert res["trace_sizes"] == [4, 8, 16, 32]                # the 32^2 latent and its 3 halvings
     assert res["user_model_untouched"]
 
 
