@@ -2,7 +2,9 @@
 
 No model weights can be downloaded here, yet the end-to-end tests must load
 checkpoints through ComfyUI's own loaders. These writers produce files that
-``CheckpointLoaderSimple`` detects as SD 1.5 (MODEL, CLIP, VAE) and
+``CheckpointLoaderSimple`` detects as SD 1.5 (MODEL, CLIP, VAE), as SD 1.5
+inpainting (the same with a 9-channel UNet input: noisy latent + mask +
+masked-image latent, as ``sd-v1-5-inpainting.ckpt``) and
 ``ImageOnlyCheckpointLoader`` detects as Stable Zero123 (MODEL with
 ``cc_projection``, CLIP_VISION from ``cond_stage_model.model.visual.``, VAE).
 
@@ -20,6 +22,7 @@ finite through the full-depth networks.
 Use from tests::
 
     write_sd15_checkpoint(path)            # ~2.1 GB
+    write_sd15_inpaint_checkpoint(path)    # ~2.1 GB
     write_stable_zero123_checkpoint(path)  # ~2.3 GB
 
 or from a shell (with the ComfyUI python)::
@@ -73,6 +76,8 @@ def _shapes(kind: str) -> dict:
     unet_cfg = dict(SD15_UNET, dtype=torch.float16)
     if kind == "zero123":
         unet_cfg["in_channels"] = 8  # noisy latent + reference latent
+    elif kind == "sd15_inpaint":
+        unet_cfg["in_channels"] = 9  # noisy latent + mask + masked-image latent (comfy: in_channels > 4 = inpaint)
     unet = UNetModel(**unet_cfg, device="meta", operations=comfy.ops.disable_weight_init)
     for k, v in unet.state_dict().items():
         table["model.diffusion_model." + k] = (tuple(v.shape), "f16")
@@ -82,7 +87,7 @@ def _shapes(kind: str) -> dict:
     for k, v in vae.state_dict().items():
         table["first_stage_model." + k] = (tuple(v.shape), "f16")
     del vae
-    if kind == "sd15":
+    if kind in ("sd15", "sd15_inpaint"):
         clip = comfy.sd1_clip.SDClipModel(device="meta", dtype=torch.float16)
         for k, v in clip.state_dict().items():
             if k in ("logit_scale", "transformer.text_projection.weight"):
@@ -177,6 +182,33 @@ def write_sd15_checkpoint(path, seed: int = 0, **kw) -> Path:
     return _write("sd15", path, seed, **kw)
 
 
+CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+def write_sd15_inpaint_checkpoint(path, seed: int = 0, base=None, **kw) -> Path:
+    """An SD 1.5 inpainting single-file checkpoint (``sd-v1-5-inpainting.ckpt``'s layout: the UNet's
+    ``input_blocks.0.0.weight`` is (320, 9, 3, 3)) with random weights, fp16.
+
+    With ``base`` (a random SD 1.5 file from :func:`write_sd15_checkpoint`) its tensors are copied and only
+    the UNet's input convolution widened, as the official inpainting model was made from SD 1.x (the 4
+    latent channels kept, 5 for the mask and the masked-image latent added; random N(0, 0.02) here, so they
+    act): a read and a write instead of a second 1 G-parameter fill (seconds instead of about a minute)."""
+    if base is None:
+        return _write("sd15_inpaint", path, seed, **kw)
+    import torch
+    from safetensors.torch import load_file, save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = load_file(str(base))
+    old = state[CONV_IN]
+    extra = torch.randn((old.shape[0], 5) + tuple(old.shape[2:]), generator=torch.Generator().manual_seed(seed))
+    state[CONV_IN] = torch.cat([old, (extra * 0.02).to(old.dtype)], 1).contiguous()
+    tmp = path.with_name(path.name + ".partial")
+    save_file(state, str(tmp), metadata={"format": "pt", "mpod3d_random_weights": "sd15_inpaint"})
+    os.replace(tmp, path)
+    return path
+
+
 def write_stable_zero123_checkpoint(path, seed: int = 0, **kw) -> Path:
     """A Stable Zero123 single-file checkpoint (8-channel UNet + cc_projection,
     CLIP ViT-L/14 image tower, VAE) with random weights."""
@@ -185,7 +217,7 @@ def write_stable_zero123_checkpoint(path, seed: int = 0, **kw) -> Path:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kind", choices=("sd15", "zero123"))
+    ap.add_argument("kind", choices=("sd15", "sd15_inpaint", "zero123"))
     ap.add_argument("path")
     ap.add_argument("--comfyui", required=True)
     ap.add_argument("--seed", type=int, default=0)

@@ -64,3 +64,14 @@ def zero123_checkpoint(comfy_server) -> str:
     from harness.checkpoints import write_stable_zero123_checkpoint
     return _random_checkpoint(comfy_server, "mpod3d_random_stable_zero123.safetensors",
                               write_stable_zero123_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def sd15_inpaint_checkpoint(comfy_server, sd15_checkpoint) -> str:
+    """File name (under models/checkpoints) of a random-weight SD 1.5 inpainting checkpoint (9-channel UNet
+    input; CheckpointLoaderSimple loads it as an inpainting model), made from the random SD 1.5 file by
+    widening its UNet's input convolution (a copy, not a second minute-long fill)."""
+    from harness.checkpoints import write_sd15_inpaint_checkpoint
+    base = (comfy_server.models_dir / "checkpoints" / sd15_checkpoint).resolve()
+    return _random_checkpoint(comfy_server, "mpod3d_random_sd15_inpaint.safetensors",
+                              lambda path: write_sd15_inpaint_checkpoint(path, base=base))
