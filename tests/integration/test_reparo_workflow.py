@@ -290,7 +290,7 @@ def _align_prompt(names, iterations=200, masks=(0, 1, 2), meshes=(0, 1, 2)):
     prompt["list"] = {"class_type": "MPOD3D_MeshList", "inputs": slots}
     prompt["align"] = {"class_type": ALIGN, "inputs": {
         "image": ["1", 0], "masks": ["masks", 0], "meshes": ["list", 0], "iterations": iterations,
-        "learning_rate": 0.02, "optimise_translation": True, "optimise_depth": False, "optimise_scale": True,
+        "learning_rate": 0.02, "optimise_translation": True, "optimise_depth": "off", "optimise_scale": True,
         "uniform_scale": True, "loss": "ot", "alpha": 1.0, "beta": 1.0, "gamma": 1.0,
         "pixel_weight": 1.0, "lambda_appearance": 0.5, "semantic_every": 1, "match_interval": 5,
         "resolution": 128, "fov": 40.0,
