@@ -87,8 +87,8 @@ class OTLayoutAlign(io.ComfyNode):
                         "are then optimised with an optimal-transport loss between the rendered and the reference "
                         "pixel clouds (colour + depth + position), which pulls objects onto targets they do not "
                         "overlap, joined by a pixel-wise loss for the second half to fit the silhouettes. With a depth map "
-                        "connected, objects start at the depths it gives and move in depth too; without one they "
-                        "all start at the orbit target's depth and move only across the image. "
+                        "connected, objects start at the depths it gives, occluders in front; without one they "
+                        "all start at the orbit target's depth. "
                         "On a 2-core CPU, 500 iterations at 256 px take about 1-2 minutes for 3 objects.",
             is_input_list=True,
             inputs=[
@@ -112,8 +112,8 @@ class OTLayoutAlign(io.ComfyNode):
                                        "output, or any depth estimator's; same view and aspect as the image, "
                                        "any size). Each object then starts at the depth the map gives it "
                                        "(sized for that depth, occluders in front), the depth term joins the "
-                                       "transport cost, and optimise_depth=auto moves objects along the view "
-                                       "axis (REPARO sec. 3.2, eq. 4). A constant map is refused."),
+                                       "transport cost (REPARO sec. 3.2, eq. 4), and optimise_depth=auto lets "
+                                       "objects move along the view axis. A constant map is refused."),
                 io.ClipVision.Input("clip_vision", optional=True,
                                     tooltip="Optional DINOv2 (Load CLIP Vision) for REPARO's semantic loss."),
             ],
