@@ -23,6 +23,7 @@ import trimesh
 from PIL import Image
 
 from harness.comfy_server import ExecutionError
+from harness.depth import write_depth_anything
 from harness.gltf import validate_gltf
 from harness.loss_graph import add_loss_graph, check_loss_graph
 from harness.paths import WORKFLOWS_DIR
@@ -70,11 +71,15 @@ def _bundled_api(server, load_workflow, zero123_checkpoint, sd15_inpaint_checkpo
     sam_name = "mpod3d_random_sam_tiny.pth"
     if not (server.models_dir / "sams" / sam_name).exists():
         write_sam_checkpoint(server.models_dir / "sams" / sam_name)
+    depth_name = "mpod3d_random_depth_anything"
+    if not (server.models_dir / "depth_estimation" / depth_name).exists():
+        write_depth_anything(server.models_dir / "depth_estimation" / depth_name)
     example = server.upload(WORKFLOWS_DIR / "inputs" / "reparo_example.png")["name"]
     api = ui_to_api(load_workflow("reparo"), server.object_info(refresh=True))
     kinds = {n["class_type"]: k for k, n in api.items()}
     assert {"MPOD3D_LoadSAM", "MPOD3D_SAMSegmentObjects", "MPOD3D_CropObjects", "MPOD3D_Zero123SDSNeRF",
-            "MPOD3D_FieldToMesh", ALIGN, "MPOD3D_SaveMesh", "Preview3D", "MaskComposite", *INPAINT_KINDS} <= set(kinds)
+            "MPOD3D_FieldToMesh", ALIGN, "MPOD3D_SaveMesh", "Preview3D", "MaskComposite", *INPAINT_KINDS,
+            "MPOD3D_LoadDepthModel", "MPOD3D_EstimateDepth"} <= set(kinds)
     for node in api.values():
         inputs, kind = node["inputs"], node["class_type"]
         if kind == "LoadImage":
@@ -91,6 +96,9 @@ def _bundled_api(server, load_workflow, zero123_checkpoint, sd15_inpaint_checkpo
         elif kind == "KSampler":
             assert (inputs["steps"], inputs["cfg"], inputs["denoise"]) == (20, 7.5, 1.0)
             inputs["steps"] = 1
+        elif kind == "MPOD3D_LoadDepthModel":
+            assert inputs["model_folder"] == "Depth-Anything-V2-Small-hf"
+            inputs["model_folder"] = depth_name
         elif kind == "MPOD3D_CropObjects":
             inputs["size"] = 64
         elif kind == "MPOD3D_Zero123SDSNeRF":
@@ -108,6 +116,11 @@ def _bundled_api(server, load_workflow, zero123_checkpoint, sd15_inpaint_checkpo
     assert api[composite]["inputs"]["destination"] == [crop, 3] and api[composite]["inputs"]["mask"] == [crop, 6]
     assert api[composite]["inputs"]["source"] == [kinds["VAEDecode"], 0]
     assert api[nerf]["inputs"]["image"] == [composite, 0]
+    # The depth map of the reference image feeds the layout (its depth-aware start and depth term).
+    estimate = kinds["MPOD3D_EstimateDepth"]
+    assert api[kinds[ALIGN]]["inputs"]["depth"] == [estimate, 0]
+    assert api[estimate]["inputs"]["image"] == [kinds["LoadImage"], 0]
+    assert api[kinds[ALIGN]]["inputs"]["optimise_depth"] == "off"
     return api, kinds
 
 
