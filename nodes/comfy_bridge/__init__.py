@@ -249,14 +249,20 @@ def resolve_model_file(folder_name: str, filename: str) -> Path:
         ValueError: empty, or leaving the folder.
         FileNotFoundError: in none of the folders; the message names the file and the folders.
     """
+    return _find_in_model_folders(folder_name, filename, Path.is_file, "no file selected: put one in")
+
+
+def _find_in_model_folders(folder_name: str, name: str, accept, nothing: str) -> Path:
+    """The first ``root / name`` over the ``folder_name`` model folders that ``accept`` (a Path
+    predicate) takes; ``nothing`` starts the message for an empty ``name``."""
     folders = ensure_model_folder(folder_name)
-    if not filename or not filename.strip():
-        raise ValueError(f"no file selected: put one in {', '.join(map(str, folders))}")
+    if not name or not name.strip():
+        raise ValueError(f"{nothing} {', '.join(map(str, folders))}")
     for root in folders:
-        path = _inside(root, filename, f"models/{folder_name}")
-        if path.is_file():
+        path = _inside(root, name, f"models/{folder_name}")
+        if accept(path):
             return path
-    raise FileNotFoundError(f"'{filename}' not found in ComfyUI's models/{folder_name} folder "
+    raise FileNotFoundError(f"'{name}' not found in ComfyUI's models/{folder_name} folder "
                             f"({', '.join(map(str, folders))})")
 
 
@@ -282,15 +288,7 @@ def resolve_model_path(folder_name: str, name: str) -> Path:
         ValueError: empty, or leaving the folder.
         FileNotFoundError: in none of the folders; the message names it and the folders.
     """
-    folders = ensure_model_folder(folder_name)
-    if not name or not name.strip():
-        raise ValueError(f"nothing selected: put a model in {', '.join(map(str, folders))}")
-    for root in folders:
-        path = _inside(root, name, f"models/{folder_name}")
-        if path.exists():
-            return path
-    raise FileNotFoundError(f"'{name}' not found in ComfyUI's models/{folder_name} folder "
-                            f"({', '.join(map(str, folders))})")
+    return _find_in_model_folders(folder_name, name, Path.exists, "nothing selected: put a model in")
 
 
 def next_output_path(filename_prefix: str, extension: str) -> tuple[Path, str]:
