@@ -260,7 +260,10 @@ def depth_placement(objects: Sequence[SceneObject], boxes: torch.Tensor, masks: 
     fg = masks > 0.5
     medians = []
     for i in range(k):
-        values = depth[fg[i]]
+        # A thin or speckled mask can fall below 0.5 everywhere once area-resized to the working size:
+        # then every pixel it touches counts.
+        own = fg[i] if bool(fg[i].any()) else masks[i] > 0
+        values = depth[own]
         if values.numel() == 0:
             raise ValueError(f"object {i}: its mask is empty")
         medians.append(float(values.median()))

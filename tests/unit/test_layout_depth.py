@@ -135,3 +135,14 @@ def test_synthetic_depth_maps_are_estimator_like():
     z = _view_depths(scene.translations)
     medians = torch.stack([scene.disparity[m].median() for m in scene.object_masks])
     assert int(medians.argmax()) == int(z.argmin())
+
+
+def test_a_speckled_mask_that_vanishes_at_the_working_size_still_gets_a_depth():
+    """A mask below 0.5 everywhere after area resizing (a random SAM's salt and pepper) falls back to every
+    pixel it touches instead of failing."""
+    scene = make_depth_scene(3, seed=1, resolution=48)
+    masks = scene.object_masks.float()
+    masks[0] = masks[0] * 0.3
+    start = depth_placement(scene.objects, _boxes(scene), masks, check_depth_map(scene.disparity, scene.mask),
+                            scene.camera, 48, 48, distance=DISTANCE)
+    assert torch.isfinite(start.depths).all() and (start.depths > 0).all()
